@@ -1,0 +1,61 @@
+"""Method registry: config classes by ``method`` name, and named presets.
+
+Adding a method = its own file here, one line in ``METHODS`` and its presets in ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import ConfigError
+from .base import AdapterConfig, AdapterModule
+from .bottleneck import BottleneckConfig
+from .lora import LoRAConfig
+
+METHODS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (BottleneckConfig, LoRAConfig)}
+
+_PFEIFFER = BottleneckConfig()
+_HOULSBY = BottleneckConfig(mh_adapter=True, original_ln_before=False, non_linearity="swish")
+_PARALLEL = BottleneckConfig(
+    reduction_factor=2, original_ln_before=False, is_parallel=True, scaling=4.0, init_weights="mam_adapter"
+)
+PRESETS: dict[str, AdapterConfig] = {
+    "pfeiffer": _PFEIFFER,
+    "seq_bn": _PFEIFFER,
+    "houlsby": _HOULSBY,
+    "double_seq_bn": _HOULSBY,
+    "parallel": _PARALLEL,
+    "par_bn": _PARALLEL,
+    "lora": LoRAConfig(),
+}
+
+
+def resolve_config(config: str | AdapterConfig, **overrides: Any) -> AdapterConfig:
+    """A preset name or config object, with keyword overrides of its fields, validated."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ConfigError(f"unknown preset {config!r}; available presets: {', '.join(PRESETS)}")
+        config = PRESETS[config]
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"expected a preset name or an adapter config, got {type(config).__name__}")
+    return config.replace(**overrides)
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Inverse of ``AdapterConfig.to_dict``."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in METHODS:
+        raise ConfigError(f"unknown adapter method {method!r}; known: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} for a {method} adapter; valid fields: {sorted(names)}")
+    config = cls(**data)
+    config.validate()
+    return config
+
+
+__all__ = ["AdapterConfig", "AdapterModule", "BottleneckConfig", "LoRAConfig", "PRESETS", "METHODS"]

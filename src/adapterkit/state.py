@@ -1,0 +1,128 @@
+"""Where adapters live in a model, and the one place that says which are active.
+
+Each host module that carries adapters gets one child :class:`Slot` named ``adapterkit`` (a
+``ModuleDict`` keyed by adapter name), so adapter parameters are ordinary parameters of the model
+(``.to()``, optimizers, ``Trainer`` and DDP see them) and their names read
+``<host>.adapterkit.<adapter>.<param>``: freezing and saving are one name filter.
+
+The slot's forward hook asks the model's :class:`State` which adapters are active. A
+``ContextVar`` can override that per thread / asyncio task (``disable_adapters``), so the state
+is never copied into flags on modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from torch import nn
+
+from .errors import AdapterError
+
+SLOT = "adapterkit"
+_OVERRIDE: ContextVar[dict[int, tuple[str, ...]] | None] = ContextVar("adapterkit_active", default=None)
+
+
+@dataclasses.dataclass(eq=False)
+class State:
+    """Adapters of one model: configs, the active setup, merged adapters, the base fingerprint."""
+
+    configs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    merged: set[str] = dataclasses.field(default_factory=set)
+    fingerprint: str | None = None
+
+    def current(self) -> tuple[str, ...]:
+        """The active adapters here and now (a ``ContextVar`` override wins)."""
+        overrides = _OVERRIDE.get()
+        return self.active if overrides is None else overrides.get(id(self), self.active)
+
+    @contextlib.contextmanager
+    def override(self, names: tuple[str, ...]) -> Iterator[None]:
+        token = _OVERRIDE.set({**(_OVERRIDE.get() or {}), id(self): names})
+        try:
+            yield
+        finally:
+            _OVERRIDE.reset(token)
+
+
+class Slot(nn.ModuleDict):
+    """The adapters attached to one host module; runs them in its host's forward hook.
+
+    Every adapter module implements ``adapt(host, x, out) -> out`` where ``x`` is the host's
+    first input and ``out`` its output.
+    """
+
+    def __init__(self, state: State) -> None:
+        super().__init__()
+        self.state = state
+
+    def hook(self, host: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        for name in self.state.current():
+            adapter = self._modules.get(name)
+            if adapter is not None and name not in self.state.merged:
+                out = adapter.adapt(host, x, out)
+        return out
+
+    def sync(self, host: nn.Module) -> None:
+        """Hook the host only while some adapter here is unmerged: merged LoRA costs nothing."""
+        # Found by identity rather than a stored handle, so deep copies of the model stay right.
+        key = next((k for k, fn in host._forward_hooks.items() if getattr(fn, "__self__", None) is self), None)
+        wanted = any(name not in self.state.merged for name in self._modules)
+        if wanted and key is None:
+            host.register_forward_hook(self.hook, with_kwargs=True)
+        elif not wanted and key is not None:
+            del host._forward_hooks[key]
+            host._forward_hooks_with_kwargs.pop(key, None)
+
+
+def get_state(model: nn.Module, create: bool = False) -> State:
+    state = model.__dict__.get("_adapterkit_state")
+    if state is None:
+        if not create:
+            raise AdapterError(f"{type(model).__name__} has no adapters; call ak.add_adapter first")
+        state = model.__dict__["_adapterkit_state"] = State()
+    return state
+
+
+def attach(host: nn.Module, name: str, adapter: nn.Module, state: State) -> None:
+    slot = getattr(host, SLOT, None)
+    if slot is None:
+        slot = Slot(state)
+        host.add_module(SLOT, slot)
+    slot[name] = adapter
+    slot.sync(host)
+
+
+def detach(host: nn.Module, name: str) -> None:
+    slot: Slot = getattr(host, SLOT)
+    del slot[name]
+    slot.sync(host)
+    if not len(slot):
+        delattr(host, SLOT)
+
+
+def adapter_modules(model: nn.Module, name: str) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """Yield ``(host, adapter module)`` for every place adapter ``name`` is attached."""
+    for host in list(model.modules()):
+        slot = host._modules.get(SLOT)
+        if isinstance(slot, Slot) and name in slot:
+            yield host, slot[name]
+
+
+def sync_all(model: nn.Module) -> None:
+    for host in model.modules():
+        slot = host._modules.get(SLOT)
+        if isinstance(slot, Slot):
+            slot.sync(host)
+
+
+def is_adapter_param(param_name: str, name: str | None = None) -> bool:
+    """True for parameters of adapter ``name`` (any adapter when ``name`` is None)."""
+    if name is None:
+        return f".{SLOT}." in f".{param_name}"
+    return f".{SLOT}.{name}." in f".{param_name}"

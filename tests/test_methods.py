@@ -1,0 +1,97 @@
+"""The shared method table: every preset on every architecture."""
+
+import pytest
+import torch
+from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
+
+import adapterkit as ak
+
+PRESETS = ["pfeiffer", "houlsby", "parallel", "lora"]
+CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]
+
+
+@pytest.mark.parametrize("arch,preset", CASES)
+def test_every_adapter_parameter_gets_a_gradient(arch, preset):
+    model = make_model(arch)
+    ak.add_adapter(model, "a", preset)
+    ak.train_adapter(model, "a")
+    randomize_adapters(model)
+    model.train()
+    first_output(model(**make_inputs(arch))).float().pow(2).mean().backward()
+    adapter = {n: p for n, p in model.named_parameters() if ".adapterkit.a." in n}
+    assert adapter, "no adapter parameters"
+    for name, p in adapter.items():
+        assert p.requires_grad, name
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+    for name, p in model.named_parameters():
+        if name not in adapter and p.grad is not None:
+            assert ".adapterkit." not in name and not name.startswith(model.base_model_prefix + "."), name
+
+
+@pytest.mark.parametrize("arch,preset", CASES)
+def test_adapter_changes_output_and_disable_restores_base(arch, preset):
+    model = make_model(arch)
+    inputs = make_inputs(arch)
+    base = first_output(model(**inputs))
+    ak.add_adapter(model, "a", preset, activate=True)
+    randomize_adapters(model)
+    adapted = first_output(model(**inputs))
+    assert not torch.allclose(adapted, base, rtol=1e-3, atol=0)
+    with ak.disable_adapters(model):
+        assert torch.equal(first_output(model(**inputs)), base)
+    ak.set_active(model, None)
+    assert torch.equal(first_output(model(**inputs)), base)
+
+
+@pytest.mark.parametrize("arch,preset", CASES)
+def test_save_load_round_trip_is_bit_identical(arch, preset, tmp_path):
+    model = make_model(arch)
+    ak.add_adapter(model, "a", preset, activate=True)
+    randomize_adapters(model)
+    inputs = make_inputs(arch)
+    expected = first_output(model(**inputs))
+    ak.save_adapter(model, "a", tmp_path / "a")
+    fresh = make_model(arch)
+    name = ak.load_adapter(fresh, tmp_path / "a", activate=True)
+    assert name == "a"
+    assert torch.equal(first_output(fresh(**inputs)), expected)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_lora_merge_unmerge(arch):
+    model = make_model(arch)
+    inputs = make_inputs(arch)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ak.add_adapter(model, "a", "lora", activate=True)
+    randomize_adapters(model)
+    unmerged = first_output(model(**inputs))
+    ak.merge_adapter(model, "a")
+    hooked = [m for m in model.modules() if hasattr(m, "adapterkit") and m._forward_hooks]
+    assert hooked == [], "a merged LoRA must leave no hook behind"
+    torch.testing.assert_close(first_output(model(**inputs)), unmerged, atol=1e-5, rtol=1e-5)
+    ak.unmerge_adapter(model, "a")
+    torch.testing.assert_close(first_output(model(**inputs)), unmerged, atol=1e-6, rtol=1e-6)
+    for key, value in model.state_dict().items():
+        if key in weights:
+            torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["pfeiffer", "houlsby", "parallel"])
+def test_bottleneck_cannot_merge(bert, preset):
+    ak.add_adapter(bert, "a", preset)
+    with pytest.raises(ak.AdapterError, match="cannot be merged"):
+        ak.merge_adapter(bert, "a")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bare_model_and_head_model_share_adapter_files(arch, tmp_path):
+    with_head = make_model(arch, head=True)
+    ak.add_adapter(with_head, "a", "houlsby", activate=True)
+    randomize_adapters(with_head)
+    ak.save_adapter(with_head, "a", tmp_path / "a")
+    bare = make_model(arch, head=False)
+    bare.load_state_dict(with_head.base_model.state_dict(), strict=False)
+    ak.load_adapter(bare, tmp_path / "a", activate=True)
+    inputs = make_inputs(arch)
+    hidden_with_head = with_head.base_model(**inputs).last_hidden_state
+    torch.testing.assert_close(bare(**inputs).last_hidden_state, hidden_with_head, atol=0, rtol=0)
