@@ -6,10 +6,11 @@ import threading
 import pytest
 import torch
 import transformers as T
-from conftest import make_inputs, make_model, randomize_adapters
 from torch import nn
 
 import adapterkit as ak
+
+from conftest import make_inputs, make_model, randomize_adapters
 
 
 def test_train_adapter_freezes_all_but_adapter_and_head(bert):
@@ -240,3 +241,18 @@ def test_vit_classifier_gets_head_gradient():
     model(**make_inputs("vit")).logits.sum().backward()
     assert model.classifier.weight.grad is not None
     assert not model.vit.embeddings.patch_embeddings.projection.weight.requires_grad
+
+
+def test_transformers_trainer_trains_only_adapter_and_head(bert, tmp_path):
+    ak.add_adapter(bert, "a", "pfeiffer")
+    ak.train_adapter(bert, "a")
+    before = {k: v.clone() for k, v in bert.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(2, 100, (6,), generator=g), "labels": i % 2} for i in range(16)]
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, report_to=[]
+    )
+    T.Trainer(model=bert, args=args, train_dataset=data).train()
+    changed = {k for k, v in bert.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".adapterkit.a." in k or k.startswith("classifier.") for k in changed)
+    assert any(".adapterkit.a." in k for k in changed)

@@ -4,9 +4,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import make_model, randomize_adapters
 
 import adapterkit as ak
+
+from conftest import make_model, randomize_adapters
 
 
 def bottleneck(h, module, act):

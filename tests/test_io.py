@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import make_inputs, make_model, randomize_adapters
 from safetensors.torch import load_file
 
 import adapterkit as ak
 import adapterkit.io as akio
+
+from conftest import make_inputs, make_model, randomize_adapters
 
 
 @pytest.fixture

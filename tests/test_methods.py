@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
 import adapterkit as ak
+
+from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
 PRESETS = ["pfeiffer", "houlsby", "parallel", "lora"]
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]

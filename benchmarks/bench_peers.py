@@ -1,0 +1,114 @@
+"""adapterkit vs peft 0.21.2 vs AdapterHub adapters 1.3.0, measured in one run, alternating.
+
+    .venv/bin/python benchmarks/bench_peers.py [--rounds 2] [--output benchmarks/results_peers.md]
+
+Each peer gets its own venv under ``benchmarks/.venvs/`` (created on first use from PyPI; adapters
+pins transformers 4.57). Every (library, method) pair runs in a fresh process
+(``peer_worker.py``) on a bert-base config with random weights, batch 16, seq 128, 2 threads. Times
+are reported as ratios to a baseline measured by the same library in the same kind of process:
+training step vs that library's full fine-tuning step, inference vs the bare model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENVS = HERE / ".venvs"
+PEERS = {
+    "peft": ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2"],
+    "adapters": ["torch==2.13.0", "adapters==1.3.0"],
+}
+METHODS = ["none", "pfeiffer", "houlsby", "lora"]
+
+
+def python_for(lib: str) -> str:
+    if lib == "adapterkit":
+        return sys.executable
+    venv = VENVS / lib
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PEERS[lib]], check=True)
+    return str(venv / "bin" / "python")
+
+
+def measure(lib: str, method: str) -> dict | None:
+    cmd = [python_for(lib), str(HERE / "peer_worker.py"), lib, method]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        if lines and "skip" in json.loads(lines[-1]):
+            return None
+        raise RuntimeError(f"{lib} {method} failed:\n{out.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    return None if "skip" in result else result
+
+
+def run(rounds: int) -> dict[tuple[str, str], list[dict]]:
+    libs = ["adapterkit", "peft", "adapters"]
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(rounds):
+        for method in METHODS:
+            for lib in libs[r % 3 :] + libs[: r % 3]:  # rotate who goes first
+                result = measure(lib, method)
+                if result is not None:
+                    results.setdefault((lib, method), []).append(result)
+                    print(json.dumps(result), flush=True)
+    return results
+
+
+def med(rows: list[dict], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
+def report(results: dict[tuple[str, str], list[dict]]) -> str:
+    lines = [
+        "| method | library | trainable | step / full-FT step | inference overhead | merged LoRA overhead "
+        "| peak RSS (MB) | saved size |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in METHODS[1:]:
+        for lib in ["adapterkit", "peft", "adapters"]:
+            rows = results.get((lib, method))
+            if not rows:
+                continue
+            full = results[(lib, "none")]
+            step = med(rows, "step_s") / med(full, "step_s")
+            infer = med(rows, "infer_s") / med(rows, "base_infer_s") - 1
+            merged = (
+                f"{100 * (med(rows, 'merged_infer_s') / med(rows, 'base_infer_s') - 1):+.1f}%"
+                if "merged_infer_s" in rows[0]
+                else "n/a"
+            )
+            lines.append(
+                f"| {method} | {lib} | {rows[0]['trainable']:,} | {step:.3f} | {100 * infer:+.1f}% | {merged} "
+                f"| {med(rows, 'peak_rss_mb'):.0f} | {rows[0]['saved_bytes'] / 1e6:.2f} MB |"
+            )
+    for lib in ["adapterkit", "peft", "adapters"]:
+        if (lib, "none") in results:
+            full = results[(lib, "none")]
+            lines.append(
+                f"\n{lib}: full fine-tuning step {med(full, 'step_s'):.2f} s, bare inference "
+                f"{med(full, 'base_infer_s'):.2f} s (medians)"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--output", default=str(HERE / "results_peers.md"))
+    args = parser.parse_args()
+    text = report(run(args.rounds))
+    print(text)
+    header = "bert-base config, random weights, batch 16, seq 128, 2 threads; medians over rounds.\n\n"
+    Path(args.output).write_text(header + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
