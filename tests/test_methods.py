@@ -7,7 +7,7 @@ import adapterkit as ak
 
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
-PRESETS = ["pfeiffer", "houlsby", "parallel", "lora"]
+PRESETS = ["pfeiffer", "houlsby", "parallel", "lora", "dora", "ia3", "ia3_adapterhub", "compacter", "compacter++"]
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]
 
 
@@ -58,13 +58,20 @@ def test_save_load_round_trip_is_bit_identical(arch, preset, tmp_path):
     assert torch.equal(first_output(fresh(**inputs)), expected)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_lora_merge_unmerge(arch):
+MERGEABLE = ["lora", "dora", "ia3", "ia3_adapterhub"]
+
+
+@pytest.mark.parametrize("arch,preset", [(arch, preset) for arch in ARCHS for preset in MERGEABLE])
+def test_merge_unmerge(arch, preset):
     model = make_model(arch)
     inputs = make_inputs(arch)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    ak.add_adapter(model, "a", "lora", activate=True)
+    ak.add_adapter(model, "a", preset, activate=True)
     randomize_adapters(model)
+    with torch.no_grad():  # IA3 vectors around 1, as after training
+        for name, p in model.named_parameters():
+            if name.endswith("ia3_l"):
+                p.add_(1)
     unmerged = first_output(model(**inputs))
     ak.merge_adapter(model, "a")
     hooked = [m for m in model.modules() if hasattr(m, "adapterkit") and m._forward_hooks]
@@ -77,7 +84,7 @@ def test_lora_merge_unmerge(arch):
             torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["pfeiffer", "houlsby", "parallel"])
+@pytest.mark.parametrize("preset", ["pfeiffer", "houlsby", "parallel", "compacter"])
 def test_bottleneck_cannot_merge(bert, preset):
     ak.add_adapter(bert, "a", preset)
     with pytest.raises(ak.AdapterError, match="cannot be merged"):

@@ -34,7 +34,9 @@ class ArchSpec:
     ffn_out: str  # feed-forward output projection
     attn_norm: str | None
     ffn_norm: str | None
-    lora_targets: tuple[str, ...]
+    lora_targets: tuple[str, ...]  # module-name suffixes, like peft's target_modules
+    kv: tuple[str, ...] = ()  # key and value projections (one fused module for GPT-2)
+    ffn_hidden: str = ""  # the feed-forward's first projection (its output is the hidden layer)
 
     @property
     def post_ln(self) -> bool:
@@ -50,6 +52,8 @@ _BERT = ArchSpec(
     attn_norm="attention.output.LayerNorm",
     ffn_norm="output.LayerNorm",
     lora_targets=("query", "value"),
+    kv=("attention.self.key", "attention.self.value"),
+    ffn_hidden="intermediate.dense",
 )
 _LLAMA = ArchSpec(
     layers=r"layers\.\d+",
@@ -60,6 +64,8 @@ _LLAMA = ArchSpec(
     attn_norm=None,
     ffn_norm=None,
     lora_targets=("q_proj", "v_proj"),
+    kv=("self_attn.k_proj", "self_attn.v_proj"),
+    ffn_hidden="mlp.up_proj",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -76,6 +82,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_norm="sa_layer_norm",
         ffn_norm="output_layer_norm",
         lora_targets=("q_lin", "v_lin"),
+        kv=("attention.k_lin", "attention.v_lin"),
+        ffn_hidden="ffn.lin1",
     ),
     "gpt2": ArchSpec(
         layers=r"h\.\d+",
@@ -86,6 +94,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_norm=None,
         ffn_norm=None,
         lora_targets=("c_attn",),
+        kv=("attn.c_attn",),
+        ffn_hidden="mlp.c_fc",
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -99,6 +109,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_norm=None,
         ffn_norm=None,
         lora_targets=("q_proj", "v_proj"),
+        kv=("attention.k_proj", "attention.v_proj"),
+        ffn_hidden="mlp.fc1",
     ),
 }
 

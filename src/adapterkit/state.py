@@ -50,34 +50,52 @@ class State:
 
 
 class Slot(nn.ModuleDict):
-    """The adapters attached to one host module; runs them in its host's forward hook.
+    """The adapters attached to one host module; runs them in its host's forward hooks.
 
-    Every adapter module implements ``adapt(host, x, out) -> out`` where ``x`` is the host's
-    first input and ``out`` its output.
+    An adapter module implements ``adapt(host, x, out) -> out`` (``x`` the host's first input,
+    ``out`` its output) and, if its class sets ``edits_inputs``, ``adapt_inputs(host, args,
+    kwargs) -> (args, kwargs)``, run before the host's forward.
     """
 
     def __init__(self, state: State) -> None:
         super().__init__()
         self.state = state
 
-    def hook(self, host: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+    def _active(self) -> Iterator[nn.Module]:
         for name in self.state.current():
             adapter = self._modules.get(name)
             if adapter is not None and name not in self.state.merged:
-                out = adapter.adapt(host, x, out)
+                yield adapter
+
+    def prehook(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for adapter in self._active():
+            if adapter.edits_inputs:
+                args, kwargs = adapter.adapt_inputs(host, args, kwargs)
+        return args, kwargs
+
+    def hook(self, host: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        for adapter in self._active():
+            out = adapter.adapt(host, x, out)
         return out
 
     def sync(self, host: nn.Module) -> None:
         """Hook the host only while some adapter here is unmerged: merged LoRA costs nothing."""
-        # Found by identity rather than a stored handle, so deep copies of the model stay right.
-        key = next((k for k, fn in host._forward_hooks.items() if getattr(fn, "__self__", None) is self), None)
-        wanted = any(name not in self.state.merged for name in self._modules)
-        if wanted and key is None:
-            host.register_forward_hook(self.hook, with_kwargs=True)
-        elif not wanted and key is not None:
-            del host._forward_hooks[key]
-            host._forward_hooks_with_kwargs.pop(key, None)
+        live = [a for name, a in self._modules.items() if name not in self.state.merged]
+        _ensure_hook(host, host._forward_hooks, self.hook, bool(live))
+        _ensure_hook(host, host._forward_pre_hooks, self.prehook, any(a.edits_inputs for a in live))
+
+
+def _ensure_hook(host: nn.Module, hooks: dict, fn: Any, wanted: bool) -> None:
+    # Found by identity rather than a stored handle, so deep copies of the model stay right.
+    key = next((k for k, h in hooks.items() if getattr(h, "__self__", None) is fn.__self__ and h == fn), None)
+    if wanted and key is None:
+        register = host.register_forward_hook if hooks is host._forward_hooks else host.register_forward_pre_hook
+        register(fn, with_kwargs=True)
+    elif not wanted and key is not None:
+        del hooks[key]
+        host._forward_hooks_with_kwargs.pop(key, None)
+        host._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def get_state(model: nn.Module, create: bool = False) -> State:
@@ -90,12 +108,48 @@ def get_state(model: nn.Module, create: bool = False) -> State:
 
 
 def attach(host: nn.Module, name: str, adapter: nn.Module, state: State) -> None:
+    """Put ``adapter`` in ``host``'s slot; a second module of the same adapter (a union of
+    methods) joins the first in a :class:`Chain`."""
     slot = getattr(host, SLOT, None)
     if slot is None:
         slot = Slot(state)
         host.add_module(SLOT, slot)
+    if name in slot:
+        adapter = Chain(slot[name], adapter)
     slot[name] = adapter
     slot.sync(host)
+
+
+class Chain(nn.ModuleList):
+    """Several modules of one adapter at one host (a union of methods), applied in order."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        parts = [*first, second] if isinstance(first, Chain) else [first, second]
+        super().__init__(parts)
+        self.edits_inputs = any(part.edits_inputs for part in parts)
+
+    @property
+    def mergeable(self) -> bool:
+        return all(part.mergeable for part in self)
+
+    def adapt_inputs(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for part in self:
+            if part.edits_inputs:
+                args, kwargs = part.adapt_inputs(host, args, kwargs)
+        return args, kwargs
+
+    def adapt(self, host: nn.Module, x: Any, out: Any) -> Any:
+        for part in self:
+            out = part.adapt(host, x, out)
+        return out
+
+    def merge(self, host: nn.Module) -> None:
+        for part in self:
+            part.merge(host)
+
+    def unmerge(self, host: nn.Module) -> None:
+        for part in reversed(self):
+            part.unmerge(host)
 
 
 def detach(host: nn.Module, name: str) -> None:

@@ -11,9 +11,10 @@ from typing import Any
 from ..errors import ConfigError
 from .base import AdapterConfig, AdapterModule
 from .bottleneck import BottleneckConfig
+from .ia3 import IA3Config
 from .lora import LoRAConfig
 
-METHODS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (BottleneckConfig, LoRAConfig)}
+METHODS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config)}
 
 _PFEIFFER = BottleneckConfig()
 _HOULSBY = BottleneckConfig(mh_adapter=True, original_ln_before=False, non_linearity="swish")
@@ -28,6 +29,11 @@ PRESETS: dict[str, AdapterConfig] = {
     "parallel": _PARALLEL,
     "par_bn": _PARALLEL,
     "lora": LoRAConfig(),
+    "dora": LoRAConfig(use_dora=True),
+    "ia3": IA3Config(),
+    "ia3_adapterhub": IA3Config(convention="adapterhub"),
+    "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
+    "compacter++": dataclasses.replace(_PFEIFFER, reduction_factor=32, non_linearity="gelu", phm_layer=True),
 }
 
 
@@ -58,4 +64,4 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     return config
 
 
-__all__ = ["AdapterConfig", "AdapterModule", "BottleneckConfig", "LoRAConfig", "PRESETS", "METHODS"]
+__all__ = ["AdapterConfig", "AdapterModule", "BottleneckConfig", "IA3Config", "LoRAConfig", "PRESETS", "METHODS"]

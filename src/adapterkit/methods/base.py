@@ -9,6 +9,7 @@ method it holds.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -16,20 +17,27 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..errors import AdapterError, ConfigError
+from ..state import SLOT
 
 
 class AdapterModule(nn.Module):
     """One adapter at one host module."""
 
+    edits_inputs = False  # True: the slot also calls adapt_inputs before the host's forward
+
+    def adapt_inputs(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Return the host's call arguments changed (runs before its forward)."""
+        return args, kwargs
+
     def adapt(self, host: nn.Module, x: torch.Tensor, out: Any) -> Any:
-        """Return the host's output with this adapter applied.
+        """Return the host's output with this adapter applied (the default: unchanged).
 
         Args:
             host: the module this adapter is attached to.
             x: the host's first input, e.g. ``(batch, seq, in_features)``.
             out: the host's output, e.g. ``(batch, seq, out_features)``.
         """
-        raise NotImplementedError
+        return out
 
     def merge(self, host: nn.Module) -> None:
         """Fold this adapter into ``host``'s weights (only linear methods can)."""
@@ -90,3 +98,34 @@ def param_dtype(host: nn.Module) -> torch.dtype:
     """Adapters train in fp32 even on a half-precision base model."""
     dtype = next(host.parameters()).dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer with its weight stored (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_targets(
+    model: nn.Module, targets: list[str] | str, kinds=(is_linear,), what: str = "Linear or Conv1D"
+) -> list[str]:
+    """Module names matching ``targets``: a list of name suffixes, or one full-match regex (peft's rule)."""
+
+    def hit(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    names = [n for n, _ in model.named_modules() if f".{SLOT}." not in f".{n}." and hit(n)]
+    check(bool(names), f"no module of {type(model).__name__} matches target_modules={targets!r}")
+    for name in names:
+        module = model.get_submodule(name)
+        check(any(k(module) for k in kinds), f"cannot adapt {name} ({type(module).__name__}); target {what} modules")
+    return names
+
+
+def replace_first(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    """Apply ``fn`` to a call's first argument, positional or ``hidden_states=``."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: fn(kwargs[key])}

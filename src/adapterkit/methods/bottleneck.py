@@ -31,17 +31,55 @@ from .base import AdapterConfig, AdapterModule, check, map_hidden, param_dtype
 INITS = ("bert", "mam_adapter", "houlsby")
 
 
+class PHMLinear(nn.Module):
+    """Parameterised hypercomplex multiplication (Compacter): ``y = x H + b`` with
+    ``H = sum_i kron(rule_i, W_i)``, ``rule`` (n, n, n) and ``W_i = left_i @ right_i`` (rank-r
+    factors (n, in/n, r) and (n, r, out/n)). ``rule`` may be shared by every layer of an adapter.
+    """
+
+    def __init__(self, fan_in: int, fan_out: int, n: int, rank: int, rule: nn.Parameter, dtype) -> None:
+        super().__init__()
+        self.rule = rule
+        self.left = nn.Parameter(torch.empty(n, fan_in // n, rank, dtype=dtype))
+        self.right = nn.Parameter(torch.empty(n, rank, fan_out // n, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(fan_out, dtype=dtype))
+        for factor in (self.left, self.right):
+            for i in range(n):
+                nn.init.xavier_uniform_(factor[i])
+
+    def weight(self) -> torch.Tensor:
+        """``H`` (in, out)."""
+        w = self.left @ self.right  # (n, in/n, out/n)
+        n, a, b = w.shape
+        # kron(rule_i, W_i)[p*a + q, s*b + t] = rule_i[p, s] * W_i[q, t], summed over i
+        return torch.einsum("ips,iqt->pqst", self.rule, w).reshape(n * a, n * b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight() + self.bias
+
+
+def phm_rules(config: BottleneckConfig, dtype) -> tuple[nn.Parameter, nn.Parameter]:
+    """The (down, up) rule tensors (n, n, n) shared across layers, init N(0, phm_init_range)."""
+    n = config.phm_dim
+    return tuple(nn.Parameter(torch.randn(n, n, n, dtype=dtype) * config.phm_init_range) for _ in range(2))
+
+
 class Bottleneck(nn.Module):
     """``(..., H) -> (..., H)``: ``scaling * dropout(Up(act(Down(h))))``, without the skip."""
 
-    def __init__(self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype, rules=None) -> None:
         super().__init__()
-        self.adapter_down = nn.Linear(dim, size, dtype=dtype)
+        if rules is None:
+            self.adapter_down = nn.Linear(dim, size, dtype=dtype)
+            self.adapter_up = nn.Linear(size, dim, dtype=dtype)
+            self.reset_parameters(config.init_weights)
+        else:  # Compacter
+            n, rank = config.phm_dim, config.phm_rank
+            self.adapter_down = PHMLinear(dim, size, n, rank, rules[0], dtype)
+            self.adapter_up = PHMLinear(size, dim, n, rank, rules[1], dtype)
         self.act = ACT2FN[config.non_linearity]
-        self.adapter_up = nn.Linear(size, dim, dtype=dtype)
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
-        self.reset_parameters(config.init_weights)
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -58,7 +96,7 @@ class Bottleneck(nn.Module):
                 nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        down = self.act(self.adapter_down(h.to(self.adapter_down.weight.dtype)))
+        down = self.act(self.adapter_down(h.to(self.adapter_up.bias.dtype)))
         return (self.dropout(self.adapter_up(down)) * self.scaling).to(h.dtype)
 
 
@@ -127,7 +165,9 @@ class BottleneckConfig(AdapterConfig):
     """Bottleneck adapter config; field names and defaults follow AdapterHub's ``BnConfig``.
 
     The bottleneck is ``bottleneck_size`` if set, else ``hidden_size // reduction_factor``.
-    ``leave_out`` lists layer indices that get no adapter.
+    ``leave_out`` lists layer indices that get no adapter. ``phm_layer`` makes it a Compacter:
+    both projections become :class:`PHMLinear` with rules shared across layers (the bottleneck is
+    rounded up to a multiple of ``phm_dim``).
     """
 
     method = "bottleneck"
@@ -142,6 +182,10 @@ class BottleneckConfig(AdapterConfig):
     init_weights: str = "bert"
     dropout: float = 0.0
     leave_out: list[int] = dataclasses.field(default_factory=list)
+    phm_layer: bool = False
+    phm_dim: int = 4
+    phm_rank: int = 1
+    phm_init_range: float = 1e-4
 
     def validate(self) -> None:
         check(self.mh_adapter or self.output_adapter, "set mh_adapter or output_adapter (or both)")
@@ -153,19 +197,24 @@ class BottleneckConfig(AdapterConfig):
         )
         check(self.init_weights in INITS, f"unknown init_weights {self.init_weights!r}; choose from {INITS}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.phm_dim > 0 and self.phm_rank > 0, "phm_dim and phm_rank must be > 0")
 
     def size(self, dim: int) -> int:
-        return self.bottleneck_size or max(1, int(dim // self.reduction_factor))
+        size = self.bottleneck_size or max(1, int(dim // self.reduction_factor))
+        return -(-size // self.phm_dim) * self.phm_dim if self.phm_layer else size
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
-        placements = []
+        placements, rules = [], None
         for index, (path, layer) in enumerate(find_layers(model, spec)):
             if index in self.leave_out:
                 continue
             attn_out = layer.get_submodule(spec.attn_out)
-            dim = features(attn_out)[1]
-            new = functools.partial(Bottleneck, dim, self.size(dim), self, param_dtype(attn_out))
+            dim, dtype = features(attn_out)[1], param_dtype(attn_out)
+            if self.phm_layer and rules is None:
+                check(dim % self.phm_dim == 0, f"hidden size {dim} is not a multiple of phm_dim={self.phm_dim}")
+                rules = phm_rules(self, dtype)
+            new = functools.partial(Bottleneck, dim, self.size(dim), self, dtype, rules)
             if self.mh_adapter:
                 placements += self._place(path, spec.attn_in, spec.attn_out, spec.attn_norm, None, new)
             if self.output_adapter:

@@ -1,25 +1,33 @@
-"""LoRA (Hu et al. 2021): ``y = W x + b + (alpha / r) * B A dropout(x)``.
+"""LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024): low-rank updates of a frozen weight.
 
-``A`` (r, in) is Kaiming-uniform (a=sqrt(5)) and ``B`` (out, r) zero, so the model is unchanged at
-init; ``use_rslora`` scales by ``alpha / sqrt(r)``. This is peft's and AdapterHub's formula and
-initialisation; on equal weights the outputs are equal. Works on ``nn.Linear`` and GPT-2's
-``Conv1D`` (weight stored (in, out), peft's ``fan_in_fan_out``). Mergeable:
-``W += scaling * B A`` (transposed for ``Conv1D``).
+LoRA: ``y = W x + b + s * B A dropout(x)`` with ``s = alpha / r`` (``use_rslora``: ``alpha /
+sqrt(r)``). ``A`` (r, in) is Kaiming-uniform (a=sqrt(5)), ``B`` (out, r) zero, so the model is
+unchanged at init: peft's and AdapterHub's formula and init. Works on ``nn.Linear``, GPT-2's
+``Conv1D`` (weight stored (in, out), peft's ``fan_in_fan_out``), ``nn.Embedding`` (peft's
+``lora_embedding_A/B``: A zero, B normal) and ``nn.Conv1d``/``nn.Conv2d`` (A a conv with the host's
+kernel, B a 1x1 conv). Mergeable: ``W += s * B A`` in the host's layout.
+
+DoRA (``use_dora``, peft's formula): with ``n = ||W + s B A||`` row-wise (detached) and magnitude
+``m`` (init ``||W||``), ``y = W x + b + (m / n - 1) * W x + (m / n) * s * B A x`` (bias excluded
+from the rescaling). Merged: ``W' = (m / n) * (W + s B A)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, features, spec_for
-from ..state import SLOT
-from .base import AdapterConfig, AdapterModule, check, param_dtype
+from ..errors import ConfigError
+from .base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d))
 
 
 class LoRA(AdapterModule):
@@ -38,49 +46,146 @@ class LoRA(AdapterModule):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def lora(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A x``, unscaled: ``(..., in) -> (..., out)``."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
     def adapt(self, host, x, out):
         x = self.dropout(x.to(self.lora_A.dtype))
-        return out + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
+        return out + (self.lora(x) * self.scaling).to(out.dtype)
 
-    def delta_weight(self, host: nn.Module) -> torch.Tensor:
-        """``scaling * B A`` in the host's weight layout (transposed for ``Conv1D``)."""
-        delta = (self.lora_B @ self.lora_A) * self.scaling
-        return delta if isinstance(host, nn.Linear) else delta.T
+    def delta_weight(self) -> torch.Tensor:
+        """``s B A``, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
-        host.weight += self.delta_weight(host).to(host.weight.dtype)
+        _weight_oi(host).add_(self.delta_weight().to(host.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self, host: nn.Module) -> None:
-        host.weight -= self.delta_weight(host).to(host.weight.dtype)
+        _weight_oi(host).sub_(self.delta_weight().to(host.weight.dtype))
 
 
-def _supported(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+def _weight_oi(host: nn.Module) -> torch.Tensor:
+    """The host's weight as an (out, in) view (``Conv1D`` stores it transposed)."""
+    return host.weight if isinstance(host, nn.Linear) else host.weight.T
 
 
-def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Module names matching ``targets``: a list of name suffixes, or one full-match regex."""
+class DoRA(LoRA):
+    """LoRA with a learned per-row magnitude ``lora_magnitude`` (out,)."""
 
-    def hit(name: str) -> bool:
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
+    def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(host, config)
+        with torch.no_grad():
+            norm = _weight_oi(host).to(self.lora_A.dtype).norm(dim=1)
+        self.lora_magnitude = nn.Parameter(norm)
+        self.register_buffer("merged_norm", None, persistent=False)
 
-    names = [n for n, _ in model.named_modules() if f".{SLOT}." not in f".{n}." and hit(n)]
-    check(bool(names), f"no module of {type(model).__name__} matches target_modules={targets!r}")
-    for name in names:
-        kind = type(model.get_submodule(name)).__name__
-        check(
-            _supported(model.get_submodule(name)), f"LoRA cannot wrap {name} ({kind}); target Linear or Conv1D modules"
+    def scale(self, host: nn.Module) -> torch.Tensor:
+        """``m / ||W + s B A||`` per output row, the norm detached as in the DoRA paper."""
+        weight = _weight_oi(host).to(self.lora_A.dtype) + self.delta_weight().detach()
+        return self.lora_magnitude / weight.norm(dim=1).detach()
+
+    def adapt(self, host, x, out):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base = out.to(x.dtype) - (host.bias if host.bias is not None else 0)
+        else:  # the base output of the dropped-out input, as peft
+            base = F.linear(x, _weight_oi(host).to(x.dtype))
+        scale = self.scale(host)
+        return out + ((scale - 1) * base + scale * self.lora(x) * self.scaling).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        weight = _weight_oi(host)
+        self.merged_norm = (weight.to(self.lora_A.dtype) + self.delta_weight()).norm(dim=1)
+        factor = (self.lora_magnitude / self.merged_norm)[:, None]
+        weight.copy_((factor * (weight + self.delta_weight())).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        weight = _weight_oi(host)
+        factor = (self.lora_magnitude / self.merged_norm)[:, None]
+        weight.copy_((weight / factor - self.delta_weight()).to(weight.dtype))
+        self.merged_norm = None
+
+
+class LoRAEmbedding(AdapterModule):
+    """LoRA on an ``nn.Embedding``: ``E[x] + s * (A^T[x]) B^T`` with A (r, num), B (dim, r)."""
+
+    def __init__(self, host: nn.Embedding, config: LoRAConfig) -> None:
+        super().__init__()
+        dtype, device = param_dtype(host), host.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(config.r, host.num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(host.embedding_dim, config.r, dtype=dtype, device=device))
+        nn.init.normal_(self.lora_embedding_B)
+        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+    def adapt(self, host, x, out):
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=host.padding_idx)
+        return out + (after_a @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num, dim)
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        host.weight.add_(self.delta_weight().to(host.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        host.weight.sub_(self.delta_weight().to(host.weight.dtype))
+
+
+class LoRAConv(AdapterModule):
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv like the host's (to r channels), B 1x1."""
+
+    def __init__(self, host: nn.Conv1d | nn.Conv2d, config: LoRAConfig) -> None:
+        super().__init__()
+        check(host.groups == 1, "LoRA supports convolutions with groups=1 only")
+        conv, kw = type(host), dict(bias=False, dtype=param_dtype(host), device=host.weight.device)
+        self.lora_A = conv(host.in_channels, config.r, host.kernel_size, host.stride, host.padding, host.dilation, **kw)
+        self.lora_B = conv(config.r, host.out_channels, 1, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+    def adapt(self, host, x, out):
+        return out + (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(
+            out.dtype
         )
-    return names
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * sum_r B[o, r] A[r, i, ...]``, the host's weight shape (out, in, *kernel)."""
+        b = self.lora_B.weight.flatten(1)  # (out, r)
+        return torch.einsum("or,r...->o...", b, self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        host.weight.add_(self.delta_weight().to(host.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        host.weight.sub_(self.delta_weight().to(host.weight.dtype))
+
+
+def make_lora(host: nn.Module, config: LoRAConfig) -> AdapterModule:
+    """The LoRA variant that fits ``host``'s type."""
+    if is_linear(host):
+        return (DoRA if config.use_dora else LoRA)(host, config)
+    if config.use_dora:
+        raise ConfigError(f"DoRA supports Linear and Conv1D targets, not {type(host).__name__}")
+    return LoRAEmbedding(host, config) if isinstance(host, nn.Embedding) else LoRAConv(host, config)
 
 
 @dataclasses.dataclass
 class LoRAConfig(AdapterConfig):
-    """LoRA config, peft's field names. ``target_modules`` None = the architecture's default."""
+    """LoRA config, peft's field names. ``target_modules`` None = the architecture's default.
+
+    Targets may be ``nn.Linear``, ``Conv1D``, ``nn.Embedding``, ``nn.Conv1d`` or ``nn.Conv2d``.
+    """
 
     method = "lora"
     r: int = 8
@@ -88,6 +193,7 @@ class LoRAConfig(AdapterConfig):
     dropout: float = 0.0
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init_weights: str = "kaiming"
 
     def validate(self) -> None:
@@ -97,4 +203,6 @@ class LoRAConfig(AdapterConfig):
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         targets = self.target_modules or list(spec_for(model, arch).lora_targets)
-        return [(name, LoRA(model.get_submodule(name), self)) for name in find_targets(model, targets)]
+        kinds = (is_linear, _is_conv, lambda m: isinstance(m, nn.Embedding))
+        names = find_targets(model, targets, kinds, "Linear, Conv1D, Embedding or Conv1d/2d")
+        return [(name, make_lora(model.get_submodule(name), self)) for name in names]
