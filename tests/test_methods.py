@@ -7,7 +7,18 @@ import adapterkit as ak
 
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
-PRESETS = ["pfeiffer", "houlsby", "parallel", "lora", "dora", "ia3", "ia3_adapterhub", "compacter", "compacter++"]
+PRESETS = [
+    "pfeiffer",
+    "houlsby",
+    "parallel",
+    "lora",
+    "dora",
+    "ia3",
+    "ia3_adapterhub",
+    "compacter",
+    "compacter++",
+    "prefix",
+]
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]
 
 

@@ -10,6 +10,7 @@ from .core import (
     Summary,
     active_adapters,
     add_adapter,
+    bake_adapter,
     delete_adapter,
     disable_adapters,
     list_adapters,
@@ -21,7 +22,7 @@ from .core import (
 )
 from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from .io import inspect_adapter, load_adapter, save_adapter
-from .methods import PRESETS, AdapterConfig, BottleneckConfig, LoRAConfig
+from .methods import PRESETS, AdapterConfig, BottleneckConfig, IA3Config, LoRAConfig, PrefixConfig
 
 __version__ = "0.1.0"
 
@@ -35,10 +36,13 @@ __all__ = [
     "ArchitectureError",
     "BottleneckConfig",
     "ConfigError",
+    "IA3Config",
     "LoRAConfig",
+    "PrefixConfig",
     "Summary",
     "active_adapters",
     "add_adapter",
+    "bake_adapter",
     "delete_adapter",
     "disable_adapters",
     "inspect_adapter",

@@ -142,6 +142,18 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
     st.sync_all(model)
 
 
+def bake_adapter(model: nn.Module, name: str) -> None:
+    """Freeze an adapter's training-time reparametrisation into plain tensors (prefix: drop the
+    MLP, keep its output). Outputs are unchanged; the saved config records the baked form."""
+    state = _known(model, name)
+    config = state.configs[name]
+    if not hasattr(config, "baked"):
+        raise AdapterError(f"adapter {name!r} ({config.method}) has nothing to bake")
+    for _, module in st.adapter_modules(model, name):
+        getattr(module, "bake", lambda: None)()
+    state.configs[name] = config.baked()
+
+
 @dataclasses.dataclass
 class AdapterRow:
     name: str

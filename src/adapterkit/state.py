@@ -151,6 +151,13 @@ class Chain(nn.ModuleList):
         for part in reversed(self):
             part.unmerge(host)
 
+    def kv_prefix(self, key: Any) -> list:
+        return [kv for part in self for kv in getattr(part, "kv_prefix", lambda k: [])(key)]
+
+    def bake(self) -> None:
+        for part in self:
+            getattr(part, "bake", lambda: None)()
+
 
 def detach(host: nn.Module, name: str) -> None:
     slot: Slot = getattr(host, SLOT)

@@ -13,8 +13,11 @@ from .base import AdapterConfig, AdapterModule
 from .bottleneck import BottleneckConfig
 from .ia3 import IA3Config
 from .lora import LoRAConfig
+from .prefix import PrefixConfig
 
-METHODS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config)}
+METHODS: dict[str, type[AdapterConfig]] = {
+    cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config, PrefixConfig)
+}
 
 _PFEIFFER = BottleneckConfig()
 _HOULSBY = BottleneckConfig(mh_adapter=True, original_ln_before=False, non_linearity="swish")
@@ -34,6 +37,8 @@ PRESETS: dict[str, AdapterConfig] = {
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
     "compacter++": dataclasses.replace(_PFEIFFER, reduction_factor=32, non_linearity="gelu", phm_layer=True),
+    "prefix": PrefixConfig(),
+    "prefix_tuning": PrefixConfig(),
 }
 
 
@@ -64,4 +69,13 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     return config
 
 
-__all__ = ["AdapterConfig", "AdapterModule", "BottleneckConfig", "IA3Config", "LoRAConfig", "PRESETS", "METHODS"]
+__all__ = [
+    "AdapterConfig",
+    "AdapterModule",
+    "BottleneckConfig",
+    "IA3Config",
+    "LoRAConfig",
+    "PrefixConfig",
+    "PRESETS",
+    "METHODS",
+]

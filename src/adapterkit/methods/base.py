@@ -129,3 +129,15 @@ def replace_first(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
         return (fn(args[0]), *args[1:]), kwargs
     key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
     return args, {**kwargs, key: fn(kwargs[key])}
+
+
+def share(module: nn.Module, name: str, value: Any, owner: bool) -> None:
+    """Give ``module`` an attribute shared by all layers of one adapter.
+
+    Only the owner registers it (one parameter name, so ``state_dict`` and ``save_pretrained``
+    see no shared tensors); the others hold a plain reference to the same object.
+    """
+    if owner:
+        setattr(module, name, value)
+    else:
+        object.__setattr__(module, name, value)

@@ -17,7 +17,6 @@ Houlsby and parallel adapters act before the host's dropout, which matters only 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import threading
 
@@ -26,7 +25,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..arch import ArchSpec, features, find_layers, spec_for
-from .base import AdapterConfig, AdapterModule, check, map_hidden, param_dtype
+from .base import AdapterConfig, AdapterModule, check, map_hidden, param_dtype, share
 
 INITS = ("bert", "mam_adapter", "houlsby")
 
@@ -37,9 +36,9 @@ class PHMLinear(nn.Module):
     factors (n, in/n, r) and (n, r, out/n)). ``rule`` may be shared by every layer of an adapter.
     """
 
-    def __init__(self, fan_in: int, fan_out: int, n: int, rank: int, rule: nn.Parameter, dtype) -> None:
+    def __init__(self, fan_in: int, fan_out: int, n: int, rank: int, rule: nn.Parameter, dtype, owner: bool) -> None:
         super().__init__()
-        self.rule = rule
+        share(self, "rule", rule, owner)
         self.left = nn.Parameter(torch.empty(n, fan_in // n, rank, dtype=dtype))
         self.right = nn.Parameter(torch.empty(n, rank, fan_out // n, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(fan_out, dtype=dtype))
@@ -67,7 +66,9 @@ def phm_rules(config: BottleneckConfig, dtype) -> tuple[nn.Parameter, nn.Paramet
 class Bottleneck(nn.Module):
     """``(..., H) -> (..., H)``: ``scaling * dropout(Up(act(Down(h))))``, without the skip."""
 
-    def __init__(self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype, rules=None) -> None:
+    def __init__(
+        self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype, rules=None, owner: bool = True
+    ) -> None:
         super().__init__()
         if rules is None:
             self.adapter_down = nn.Linear(dim, size, dtype=dtype)
@@ -75,8 +76,8 @@ class Bottleneck(nn.Module):
             self.reset_parameters(config.init_weights)
         else:  # Compacter
             n, rank = config.phm_dim, config.phm_rank
-            self.adapter_down = PHMLinear(dim, size, n, rank, rules[0], dtype)
-            self.adapter_up = PHMLinear(size, dim, n, rank, rules[1], dtype)
+            self.adapter_down = PHMLinear(dim, size, n, rank, rules[0], dtype, owner)
+            self.adapter_up = PHMLinear(size, dim, n, rank, rules[1], dtype, owner)
         self.act = ACT2FN[config.non_linearity]
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
@@ -205,7 +206,7 @@ class BottleneckConfig(AdapterConfig):
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
-        placements, rules = [], None
+        placements, rules, made = [], None, []
         for index, (path, layer) in enumerate(find_layers(model, spec)):
             if index in self.leave_out:
                 continue
@@ -214,12 +215,21 @@ class BottleneckConfig(AdapterConfig):
             if self.phm_layer and rules is None:
                 check(dim % self.phm_dim == 0, f"hidden size {dim} is not a multiple of phm_dim={self.phm_dim}")
                 rules = phm_rules(self, dtype)
-            new = functools.partial(Bottleneck, dim, self.size(dim), self, dtype, rules)
+            new = self._factory(dim, dtype, rules, made)
             if self.mh_adapter:
                 placements += self._place(path, spec.attn_in, spec.attn_out, spec.attn_norm, None, new)
             if self.output_adapter:
                 placements += self._place(path, spec.ffn_in, spec.ffn_out, spec.ffn_norm, path, new)
         return placements
+
+    def _factory(self, dim: int, dtype: torch.dtype, rules, made: list):
+        """Makes bottlenecks; the first one made owns the shared Compacter rules."""
+
+        def new() -> Bottleneck:
+            made.append(Bottleneck(dim, self.size(dim), self, dtype, rules, owner=not made))
+            return made[-1]
+
+        return new
 
     def _place(self, layer, sub_in, sub_out, norm, block_out, new) -> list[tuple[str, AdapterModule]]:
         if self.is_parallel:
