@@ -18,6 +18,7 @@ PRESETS = [
     "compacter",
     "compacter++",
     "prefix",
+    "prompt",
 ]
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]
 

@@ -22,7 +22,7 @@ from .core import (
 )
 from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from .io import inspect_adapter, load_adapter, save_adapter
-from .methods import PRESETS, AdapterConfig, BottleneckConfig, IA3Config, LoRAConfig, PrefixConfig
+from .methods import PRESETS, AdapterConfig, BottleneckConfig, IA3Config, LoRAConfig, PrefixConfig, PromptConfig
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "IA3Config",
     "LoRAConfig",
     "PrefixConfig",
+    "PromptConfig",
     "Summary",
     "active_adapters",
     "add_adapter",

@@ -37,6 +37,12 @@ class ArchSpec:
     lora_targets: tuple[str, ...]  # module-name suffixes, like peft's target_modules
     kv: tuple[str, ...] = ()  # key and value projections (one fused module for GPT-2)
     ffn_hidden: str = ""  # the feed-forward's first projection (its output is the hidden layer)
+    # Prompt tuning, paths relative to the backbone: the prompt is prepended to the output of
+    # prompt_after and removed from the output of prompt_strip; prompt_before_positions says
+    # that prompt_after runs before positions are assigned (decoders: the token embedding).
+    prompt_after: str = "embeddings"
+    prompt_strip: str = "encoder"
+    prompt_before_positions: bool = False
 
     @property
     def post_ln(self) -> bool:
@@ -66,6 +72,9 @@ _LLAMA = ArchSpec(
     lora_targets=("q_proj", "v_proj"),
     kv=("self_attn.k_proj", "self_attn.v_proj"),
     ffn_hidden="mlp.up_proj",
+    prompt_after="embed_tokens",
+    prompt_strip="norm",
+    prompt_before_positions=True,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -84,6 +93,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         lora_targets=("q_lin", "v_lin"),
         kv=("attention.k_lin", "attention.v_lin"),
         ffn_hidden="ffn.lin1",
+        prompt_strip="transformer",
     ),
     "gpt2": ArchSpec(
         layers=r"h\.\d+",
@@ -96,6 +106,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         lora_targets=("c_attn",),
         kv=("attn.c_attn",),
         ffn_hidden="mlp.c_fc",
+        prompt_after="wte",
+        prompt_strip="ln_f",
+        prompt_before_positions=True,
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -111,6 +124,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         lora_targets=("q_proj", "v_proj"),
         kv=("attention.k_proj", "attention.v_proj"),
         ffn_hidden="mlp.fc1",
+        prompt_strip="layernorm",
     ),
 }
 

@@ -14,9 +14,10 @@ from .bottleneck import BottleneckConfig
 from .ia3 import IA3Config
 from .lora import LoRAConfig
 from .prefix import PrefixConfig
+from .prompt import PromptConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
-    cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config, PrefixConfig)
+    cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config, PrefixConfig, PromptConfig)
 }
 
 _PFEIFFER = BottleneckConfig()
@@ -39,6 +40,8 @@ PRESETS: dict[str, AdapterConfig] = {
     "compacter++": dataclasses.replace(_PFEIFFER, reduction_factor=32, non_linearity="gelu", phm_layer=True),
     "prefix": PrefixConfig(),
     "prefix_tuning": PrefixConfig(),
+    "prompt": PromptConfig(),
+    "prompt_tuning": PromptConfig(),
 }
 
 

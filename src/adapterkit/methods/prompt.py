@@ -1,0 +1,174 @@
+"""Prompt tuning (Lester et al. 2021): P trainable vectors prepended to the input sequence.
+
+Three hooks per adapter, placed by the architecture table:
+
+* on the backbone, before its forward: decide whether this call inserts the prompt (not on a
+  generation step whose KV cache already holds it), extend ``attention_mask`` by P ones and, for
+  decoders, shift ``position_ids`` by P;
+* on ``prompt_after`` (encoders: the embedding module, *after* position embeddings and LayerNorm,
+  as AdapterHub; decoders: the token embedding, as peft): prepend the prompt;
+* on ``prompt_strip`` (the encoder stack / the final norm): remove the P positions again, so
+  heads see the original sequence (BERT's pooler still reads [CLS]) and outputs keep their shape.
+
+Init (``init``): ``"random"`` uniform(-0.5, 0.5) (AdapterHub), ``"text"`` the embedding-module
+output for ``init_token_ids`` (see :meth:`PromptConfig.from_text`), ``"vocab"`` that of tokens
+sampled from the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import threading
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec, spec_for
+from ..backbone import base_prefix
+from .base import AdapterConfig, AdapterModule, check, param_dtype, share
+
+
+class _Flag:
+    """Whether the current forward (per thread) inserts the prompt."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, bool] = {}
+
+    def set(self, value: bool) -> None:
+        self.values[threading.get_ident()] = value
+
+    def get(self) -> bool:
+        return self.values.get(threading.get_ident(), True)
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _call_arguments(host: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by name (positional ones too), ``**kwargs`` flattened."""
+    signature = _signature(type(host))
+    arguments = dict(signature.bind_partial(None, *args, **kwargs).arguments)
+    arguments.pop(next(iter(signature.parameters)))  # self
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))
+    return arguments
+
+
+class PromptCall(AdapterModule):
+    """On the backbone: extend the mask (and positions) for the P prompt positions."""
+
+    edits_inputs = True
+
+    def __init__(self, prompt: nn.Parameter, flag: _Flag, shift_positions: bool) -> None:
+        super().__init__()
+        share(self, "prompt", prompt, owner=False)
+        self.flag, self.shift_positions = flag, shift_positions
+
+    def adapt_inputs(self, host, args, kwargs):
+        bound = _call_arguments(host, args, kwargs)
+        cache = bound.get("cache", bound.get("past_key_values"))
+        insert = cache is None or cache.get_seq_length() == 0
+        self.flag.set(insert)
+        length = self.prompt.shape[0]
+        mask = bound.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            bound["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+        positions = bound.get("position_ids")
+        if self.shift_positions and positions is not None:
+            front = torch.arange(length, device=positions.device).expand(positions.shape[0], -1)
+            bound["position_ids"] = torch.cat([front, positions + length], 1) if insert else positions + length
+        return (), bound
+
+
+class PromptInsert(AdapterModule):
+    """On the embedding module: ``(B, T, H) -> (B, P + T, H)`` with ``prompt_embedding`` (P, H)."""
+
+    def __init__(self, prompt: nn.Parameter, flag: _Flag) -> None:
+        super().__init__()
+        self.prompt_embedding = prompt
+        self.flag = flag
+
+    def adapt(self, host, x, out):
+        if not self.flag.get():
+            return out
+        prompt = self.prompt_embedding.to(out.dtype).expand(out.shape[0], -1, -1)
+        return torch.cat([prompt, out], dim=1)
+
+
+class PromptStrip(AdapterModule):
+    """On the last module of the stack: drop the P prompt positions again."""
+
+    def __init__(self, prompt: nn.Parameter, flag: _Flag) -> None:
+        super().__init__()
+        share(self, "prompt", prompt, owner=False)
+        self.flag = flag
+
+    def adapt(self, host, x, out):
+        if not self.flag.get():
+            return out
+        length = self.prompt.shape[0]
+        if isinstance(out, torch.Tensor):
+            return out[:, length:]
+        out["last_hidden_state"] = out["last_hidden_state"][:, length:]
+        if out.get("hidden_states") is not None:
+            out["hidden_states"] = tuple(h[:, length:] for h in out["hidden_states"])
+        return out
+
+
+@dataclasses.dataclass
+class PromptConfig(AdapterConfig):
+    """Prompt tuning config (AdapterHub's ``prompt_length`` default of 10)."""
+
+    method = "prompt"
+    prompt_length: int = 10
+    init: str = "random"
+    init_token_ids: list[int] | None = None
+
+    @classmethod
+    def from_text(cls, tokenizer, text: str, prompt_length: int = 10) -> PromptConfig:
+        """Init from ``text``'s tokens, repeated or cut to ``prompt_length``."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        check(bool(ids), f"init text {text!r} has no tokens")
+        return cls(prompt_length, "text", (ids * prompt_length)[:prompt_length])
+
+    def validate(self) -> None:
+        check(self.prompt_length > 0, f"prompt_length must be > 0, got {self.prompt_length}")
+        check(self.init in ("random", "text", "vocab"), f"init must be random, text or vocab, not {self.init!r}")
+        check(
+            self.init != "text" or bool(self.init_token_ids),
+            "init='text' needs init_token_ids (PromptConfig.from_text)",
+        )
+
+    def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
+        spec = spec_for(model, arch)
+        prefix = base_prefix(model)
+        after = model.get_submodule(prefix + spec.prompt_after)
+        prompt = nn.Parameter(self._init(model, after))
+        flag = _Flag()
+        backbone = prefix[:-1] if prefix else ""
+        return [
+            (backbone, PromptCall(prompt, flag, spec.prompt_before_positions)),
+            (prefix + spec.prompt_after, PromptInsert(prompt, flag)),
+            (prefix + spec.prompt_strip, PromptStrip(prompt, flag)),
+        ]
+
+    @torch.no_grad()
+    def _init(self, model: nn.Module, after: nn.Module) -> torch.Tensor:
+        dtype = param_dtype(after)
+        if self.init == "random":
+            dim = getattr(model.config, "embedding_size", None) or model.config.hidden_size  # ELECTRA: 128
+            return torch.empty(self.prompt_length, dim, dtype=dtype).uniform_(-0.5, 0.5)
+        if self.init == "text":
+            ids = torch.tensor([self.init_token_ids])
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (1, self.prompt_length))
+        training = after.training
+        after.eval()  # no dropout in the init; .forward skips other adapters' hooks
+        embedded = after.forward(ids)[0].to(dtype).clone()
+        after.train(training)
+        return embedded
