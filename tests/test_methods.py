@@ -19,6 +19,8 @@ PRESETS = [
     "compacter++",
     "prefix",
     "prompt",
+    "mam",
+    "unipelt",
 ]
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]
 
@@ -30,7 +32,9 @@ def test_every_adapter_parameter_gets_a_gradient(arch, preset):
     ak.train_adapter(model, "a")
     randomize_adapters(model)
     model.train()
-    first_output(model(**make_inputs(arch))).float().pow(2).mean().backward()
+    out = model(**make_inputs(arch), output_hidden_states=True)
+    # every position of the last layer counts (a [CLS] head alone reads one position)
+    (first_output(out).float().pow(2).mean() + out.hidden_states[-1].pow(2).mean()).backward()
     adapter = {n: p for n, p in model.named_parameters() if ".adapterkit.a." in n}
     assert adapter, "no adapter parameters"
     for name, p in adapter.items():

@@ -22,7 +22,17 @@ from .core import (
 )
 from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from .io import inspect_adapter, load_adapter, save_adapter
-from .methods import PRESETS, AdapterConfig, BottleneckConfig, IA3Config, LoRAConfig, PrefixConfig, PromptConfig
+from .methods import (
+    PRESETS,
+    AdapterConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixConfig,
+    PromptConfig,
+    UnionConfig,
+    union,
+)
 
 __version__ = "0.1.0"
 
@@ -40,6 +50,7 @@ __all__ = [
     "LoRAConfig",
     "PrefixConfig",
     "PromptConfig",
+    "UnionConfig",
     "Summary",
     "active_adapters",
     "add_adapter",
@@ -55,5 +66,6 @@ __all__ = [
     "set_active",
     "summary",
     "train_adapter",
+    "union",
     "unmerge_adapter",
 ]

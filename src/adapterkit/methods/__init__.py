@@ -15,9 +15,10 @@ from .ia3 import IA3Config
 from .lora import LoRAConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig
+from .union import UnionConfig, union
 
 METHODS: dict[str, type[AdapterConfig]] = {
-    cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config, PrefixConfig, PromptConfig)
+    cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config, PrefixConfig, PromptConfig, UnionConfig)
 }
 
 _PFEIFFER = BottleneckConfig()
@@ -42,6 +43,14 @@ PRESETS: dict[str, AdapterConfig] = {
     "prefix_tuning": PrefixConfig(),
     "prompt": PromptConfig(),
     "prompt_tuning": PromptConfig(),
+    "mam": UnionConfig([PrefixConfig(bottleneck_size=800), _PARALLEL]),
+    "unipelt": UnionConfig(
+        [
+            LoRAConfig(r=8, alpha=2, use_gating=True),
+            PrefixConfig(prefix_length=10, use_gating=True),
+            dataclasses.replace(_PFEIFFER, use_gating=True),
+        ]
+    ),
 }
 
 
@@ -62,12 +71,7 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     method = data.pop("method", None)
     if method not in METHODS:
         raise ConfigError(f"unknown adapter method {method!r}; known: {', '.join(METHODS)}")
-    cls = METHODS[method]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown} for a {method} adapter; valid fields: {sorted(names)}")
-    config = cls(**data)
+    config = METHODS[method].from_dict(data)
     config.validate()
     return config
 
@@ -79,6 +83,9 @@ __all__ = [
     "IA3Config",
     "LoRAConfig",
     "PrefixConfig",
+    "PromptConfig",
+    "UnionConfig",
+    "union",
     "PRESETS",
     "METHODS",
 ]

@@ -71,6 +71,15 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`to_dict` (without the ``method`` key)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} for a {cls.method} adapter; valid fields: {sorted(names)}")
+        return cls(**data)
+
     def replace(self, **overrides: Any) -> AdapterConfig:
         """A copy with some fields changed; an unknown field is a :class:`ConfigError`."""
         names = {f.name for f in dataclasses.fields(self)}

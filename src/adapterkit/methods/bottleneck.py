@@ -81,6 +81,7 @@ class Bottleneck(nn.Module):
         self.act = ACT2FN[config.non_linearity]
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
+        self.gate = nn.Linear(dim, 1, dtype=dtype) if config.use_gating else None  # UniPELT
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
@@ -97,8 +98,11 @@ class Bottleneck(nn.Module):
                 nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        down = self.act(self.adapter_down(h.to(self.adapter_up.bias.dtype)))
-        return (self.dropout(self.adapter_up(down)) * self.scaling).to(h.dtype)
+        h32 = h.to(self.adapter_up.bias.dtype)
+        out = self.dropout(self.adapter_up(self.act(self.adapter_down(h32)))) * self.scaling
+        if self.gate is not None:  # one gate per example: sigmoid, averaged over the sequence
+            out = out * torch.sigmoid(self.gate(h32)).mean(dim=1, keepdim=True)
+        return out.to(h.dtype)
 
 
 class SequentialAdapter(AdapterModule):
@@ -168,7 +172,8 @@ class BottleneckConfig(AdapterConfig):
     The bottleneck is ``bottleneck_size`` if set, else ``hidden_size // reduction_factor``.
     ``leave_out`` lists layer indices that get no adapter. ``phm_layer`` makes it a Compacter:
     both projections become :class:`PHMLinear` with rules shared across layers (the bottleneck is
-    rounded up to a multiple of ``phm_dim``).
+    rounded up to a multiple of ``phm_dim``). ``use_gating`` scales the adapter's output by a
+    learned per-example gate ``mean_t sigmoid(Linear(h_t))`` (UniPELT, as AdapterHub).
     """
 
     method = "bottleneck"
@@ -187,6 +192,7 @@ class BottleneckConfig(AdapterConfig):
     phm_dim: int = 4
     phm_rank: int = 1
     phm_init_range: float = 1e-4
+    use_gating: bool = False
 
     def validate(self) -> None:
         check(self.mh_adapter or self.output_adapter, "set mh_adapter or output_adapter (or both)")

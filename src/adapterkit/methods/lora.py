@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, features, spec_for
-from ..errors import ConfigError
+from ..errors import AdapterError, ConfigError
 from .base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 
 
@@ -45,6 +45,7 @@ class LoRA(AdapterModule):
             nn.init.normal_(self.lora_A, std=1 / config.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.gate = nn.Linear(fan_in, 1, dtype=dtype, device=device) if config.use_gating else None
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
         """``B A x``, unscaled: ``(..., in) -> (..., out)``."""
@@ -52,7 +53,10 @@ class LoRA(AdapterModule):
 
     def adapt(self, host, x, out):
         x = self.dropout(x.to(self.lora_A.dtype))
-        return out + (self.lora(x) * self.scaling).to(out.dtype)
+        delta = self.lora(x) * self.scaling
+        if self.gate is not None:  # UniPELT: a per-example gate, sigmoid averaged over the sequence
+            delta = delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+        return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``s B A``, shape (out, in)."""
@@ -60,6 +64,8 @@ class LoRA(AdapterModule):
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
+        if self.gate is not None:
+            raise AdapterError("a gated LoRA depends on its input and cannot be merged")
         _weight_oi(host).add_(self.delta_weight().to(host.weight.dtype))
 
     @torch.no_grad()
@@ -185,6 +191,7 @@ class LoRAConfig(AdapterConfig):
     """LoRA config, peft's field names. ``target_modules`` None = the architecture's default.
 
     Targets may be ``nn.Linear``, ``Conv1D``, ``nn.Embedding``, ``nn.Conv1d`` or ``nn.Conv2d``.
+    ``use_gating`` (Linear/Conv1D, UniPELT) scales the update by ``mean_t sigmoid(Linear(x_t))``.
     """
 
     method = "lora"
@@ -195,11 +202,13 @@ class LoRAConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init_weights: str = "kaiming"
+    use_gating: bool = False
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.init_weights in ("kaiming", "gaussian"), f"unknown init_weights {self.init_weights!r}")
+        check(not (self.use_gating and self.use_dora), "use_gating and use_dora cannot be combined")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         targets = self.target_modules or list(spec_for(model, arch).lora_targets)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class PrefixGenerator(nn.Module):
 
     def __init__(self, config: PrefixConfig, layers: int, hidden: int, kv: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.layers, self.kv, self.length = layers, kv, config.prefix_length
+        self.layers, self.kv, self.length, self.dtype = layers, kv, config.prefix_length, dtype
         out = layers * 2 * kv
         if config.flat:
             self.prefix = nn.Parameter(torch.randn(config.prefix_length, out, dtype=dtype))
@@ -69,12 +70,24 @@ class PrefixGenerator(nn.Module):
 
 
 class Prefix(AdapterModule):
-    """The prefix of one attention module: ``kv_prefix(key)`` -> [(key (B, kv_heads, P, hd), value)]."""
+    """The prefix of one attention module: ``kv_prefix(key)`` -> [(key (B, kv_heads, P, hd), value)].
 
-    def __init__(self, generator: PrefixGenerator, index: int, kv_heads: int) -> None:
+    With ``gate`` (UniPELT) the attention input sets per-example key and value gates
+    ``mean_t sigmoid(Linear(h_t))`` (B, 2) that scale the prefix, as AdapterHub.
+    """
+
+    def __init__(self, generator: PrefixGenerator, index: int, kv_heads: int, hidden: int, gating: bool) -> None:
         super().__init__()
         share(self, "generator", generator, owner=index == 0)
         self.index, self.kv_heads = index, kv_heads
+        self.gate = nn.Linear(hidden, 2, dtype=generator.dtype) if gating else None
+        self.edits_inputs = gating
+        self.gates: dict[int, torch.Tensor] = {}  # per thread, set before each attention call
+
+    def adapt_inputs(self, host, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        self.gates[threading.get_ident()] = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).mean(dim=1)
+        return args, kwargs
 
     def kv_prefix(self, key: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batch = key.shape[0]
@@ -83,7 +96,11 @@ class Prefix(AdapterModule):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(t.shape[0], self.kv_heads, -1).transpose(0, 1).expand(batch, -1, -1, -1)
 
-        return [(heads(keys), heads(values))]
+        keys, values = heads(keys), heads(values)
+        if self.gate is not None:
+            gates = self.gates.pop(threading.get_ident()).to(key.dtype)  # (B, 2)
+            keys, values = keys * gates[:, 0, None, None, None], values * gates[:, 1, None, None, None]
+        return [(keys, values)]
 
     def bake(self) -> None:
         self.generator.bake()
@@ -160,6 +177,7 @@ class PrefixConfig(AdapterConfig):
     bottleneck_size: int = 512
     flat: bool = False
     dropout: float = 0.0
+    use_gating: bool = False
 
     def validate(self) -> None:
         check(self.prefix_length > 0, f"prefix_length must be > 0, got {self.prefix_length}")
@@ -176,4 +194,7 @@ class PrefixConfig(AdapterConfig):
         hidden, kv_heads, head_dim = attention_shape(model)
         dtype = param_dtype(model.get_submodule(f"{layers[0]}.{spec.attn_out}"))
         generator = PrefixGenerator(self, len(layers), hidden, kv_heads * head_dim, dtype)
-        return [(f"{path}.{spec.attn_in}", Prefix(generator, i, kv_heads)) for i, path in enumerate(layers)]
+        return [
+            (f"{path}.{spec.attn_in}", Prefix(generator, i, kv_heads, hidden, self.use_gating))
+            for i, path in enumerate(layers)
+        ]
