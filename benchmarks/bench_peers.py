@@ -24,7 +24,7 @@ PEERS = {
     "peft": ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2"],
     "adapters": ["torch==2.13.0", "adapters==1.3.0"],
 }
-METHODS = ["none", "pfeiffer", "houlsby", "lora"]
+METHODS = ["none", "pfeiffer", "houlsby", "lora", "dora", "ia3", "prefix", "prompt"]
 
 
 def python_for(lib: str) -> str:
@@ -37,16 +37,20 @@ def python_for(lib: str) -> str:
     return str(venv / "bin" / "python")
 
 
+SKIPPED: dict[tuple[str, str], str] = {}
+
+
 def measure(lib: str, method: str) -> dict | None:
     cmd = [python_for(lib), str(HERE / "peer_worker.py"), lib, method]
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not lines:
-        if lines and "skip" in json.loads(lines[-1]):
-            return None
+    if not lines:
         raise RuntimeError(f"{lib} {method} failed:\n{out.stderr[-2000:]}")
     result = json.loads(lines[-1])
-    return None if "skip" in result else result
+    if "skip" in result:
+        SKIPPED[(lib, method)] = result["skip"]
+        return None
+    return result
 
 
 def run(rounds: int) -> dict[tuple[str, str], list[dict]]:
@@ -83,12 +87,14 @@ def report(results: dict[tuple[str, str], list[dict]]) -> str:
             merged = (
                 f"{100 * (med(rows, 'merged_infer_s') / med(rows, 'base_infer_s') - 1):+.1f}%"
                 if "merged_infer_s" in rows[0]
-                else "n/a"
+                else ("fails" if "merge_error" in rows[0] else "n/a")
             )
             lines.append(
                 f"| {method} | {lib} | {rows[0]['trainable']:,} | {step:.3f} | {100 * infer:+.1f}% | {merged} "
                 f"| {med(rows, 'peak_rss_mb'):.0f} | {rows[0]['saved_bytes'] / 1e6:.2f} MB |"
             )
+    for (lib, method), reason in sorted(SKIPPED.items()):
+        lines.append(f"\nnot measured: {lib} {method}: {reason}")
     for lib in ["adapterkit", "peft", "adapters"]:
         if (lib, "none") in results:
             full = results[(lib, "none")]
@@ -102,8 +108,10 @@ def report(results: dict[tuple[str, str], list[dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS[1:]), help="comma-separated subset")
     parser.add_argument("--output", default=str(HERE / "results_peers.md"))
     args = parser.parse_args()
+    METHODS[1:] = args.methods.split(",")
     text = report(run(args.rounds))
     print(text)
     header = "bert-base config, random weights, batch 16, seq 128, 2 threads; medians over rounds.\n\n"

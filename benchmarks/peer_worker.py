@@ -1,7 +1,9 @@
 """One measurement in a fresh process: ``python peer_worker.py LIB METHOD`` prints one JSON line.
 
 LIB is ``adapterkit``, ``peft`` or ``adapters`` (run with that library's venv); METHOD is
-``none`` (full fine-tuning), ``pfeiffer``, ``houlsby`` or ``lora``. The model is a bert-base config
+``none`` (full fine-tuning), ``pfeiffer``, ``houlsby``, ``lora``, ``dora``, ``ia3``, ``prefix`` or
+``prompt``; each library with its own defaults for the method (peft's prefix is flat, AdapterHub's
+and adapterkit's use the MLP). The model is a bert-base config
 with random weights and a 2-label head (trainable in every run), batch 16, sequence 128.
 """
 
@@ -20,7 +22,7 @@ import torch
 import transformers as T
 
 BATCH, SEQ, THREADS = 16, 128, 2
-STEPS, INFER = 3, 5
+STEPS, INFER = 3, 3
 
 
 def bert_base() -> torch.nn.Module:
@@ -92,12 +94,20 @@ def ak_save(model, path):
 
 
 def peft_add(model, method):
-    from peft import LoraConfig, get_peft_model
+    import peft
 
-    if method != "lora":
+    configs = {
+        "lora": lambda: peft.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
+        "dora": lambda: peft.LoraConfig(
+            r=8, lora_alpha=8, target_modules=["query", "value"], use_dora=True, task_type="SEQ_CLS"
+        ),
+        "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS"),
+        "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=30, task_type="SEQ_CLS"),
+        "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=10, task_type="SEQ_CLS"),
+    }
+    if method not in configs:
         raise SystemExit(json.dumps({"skip": f"peft has no {method} adapter"}))
-    config = LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, configs[method]())
 
 
 def peft_merge(model):
@@ -112,7 +122,15 @@ def ah_add(model, method):
     import adapters
 
     adapters.init(model)
-    config = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "lora": "lora"}[method]
+    config = {
+        "pfeiffer": "seq_bn",
+        "houlsby": "double_seq_bn",
+        "lora": "lora",
+        "dora": adapters.LoRAConfig(use_dora=True) if method == "dora" else None,
+        "ia3": "ia3",
+        "prefix": "prefix_tuning",
+        "prompt": "prompt_tuning",
+    }[method]
     model.add_adapter("a", config=config)
     model.train_adapter("a")
     for p in model.classifier.parameters():  # same trainable set as the others: adapter + head
@@ -151,13 +169,22 @@ def main(lib: str, method: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             save(model, tmp)
             result["saved_bytes"] = folder_bytes(tmp)
-    if method == "lora":
-        merge(model)
-        result["merged_infer_s"] = infer_time(model)
+    if method in ("lora", "dora", "ia3"):
+        try:
+            merge(model)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot merge this method
+            result["merge_error"] = f"{type(e).__name__}: {e}"[:200]
+        else:
+            result["merged_infer_s"] = infer_time(model)
     return result
 
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     T.logging.set_verbosity_error()
-    print(json.dumps(main(sys.argv[1], sys.argv[2])))
+    try:
+        print(json.dumps(main(sys.argv[1], sys.argv[2])))
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as a skipped row with the reason
+        print(json.dumps({"skip": f"{sys.argv[1]} {sys.argv[2]} failed: {type(e).__name__}: {e}"[:300]}))

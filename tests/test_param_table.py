@@ -5,7 +5,7 @@ import transformers as T
 
 import adapterkit as ak
 
-H, L, I, V = 768, 12, 3072, 30522  # bert-base
+H, L, FF = 768, 12, 3072  # bert-base
 
 
 def bottleneck(d, h=H):
@@ -26,8 +26,8 @@ EXPECTED = {
     "parallel": L * bottleneck(H // 2),
     "lora": L * 2 * 8 * (H + H),
     "dora": L * 2 * (8 * (H + H) + H),
-    "ia3": L * (H + H + I),
-    "ia3_adapterhub": L * (H + H + I),
+    "ia3": L * (H + H + FF),
+    "ia3_adapterhub": L * (H + H + FF),
     "compacter": 2 * L * (phm(H, 24) + phm(24, H)) + 2 * 4**3,
     "compacter++": L * (phm(H, 24) + phm(24, H)) + 2 * 4**3,
     "prefix": prefix(30, 512),

@@ -13,7 +13,7 @@ from .errors import AdapterError
 def cmd_demo(args: argparse.Namespace) -> None:
     from . import demo
 
-    demo.main(quick=args.quick, output=args.output, threads=args.threads)
+    demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a subset of the data: about 3 minutes on 2 cores")
     d.add_argument("--output", help="also write the table (Markdown) to this file")
     d.add_argument("--threads", type=int, help="torch threads (default: 2)")
+    d.add_argument("--methods", default="core", help="core (default), all, more, or presets: pfeiffer,ia3,...")
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="show a model's architecture, injection points and parameter count")
     i.add_argument("model_dir", help="a local model folder (from save_pretrained)")

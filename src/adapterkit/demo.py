@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from . import core, io
 from .data import sentiment_splits
+from .errors import AdapterError
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -45,6 +46,27 @@ RUNS = [
     Run("houlsby", "houlsby", lr=1e-3, epochs=1.75),
     Run("lora (r=8)", "lora", lr=1e-3, epochs=1.75),
 ]
+MORE_RUNS = [  # `--methods all`: every other family
+    Run("dora (r=8)", "dora", lr=1e-3, epochs=1.75),
+    Run("ia3", "ia3", lr=5e-3, epochs=1.75),
+    Run("compacter", "compacter", lr=3e-3, epochs=1.75),
+    Run("prefix (30)", "prefix", lr=2e-3, epochs=1.75),
+    Run("prompt (10)", "prompt", lr=3e-2, epochs=1.75),
+    Run("mam", "mam", lr=1e-3, epochs=1.75),
+    Run("unipelt", "unipelt", lr=1e-3, epochs=1.75),
+]
+
+
+def select_runs(methods: str) -> list[Run]:
+    """``"core"`` (the default five), ``"all"``, ``"more"`` (all but the core) or preset names."""
+    if methods in ("core", "all", "more"):
+        return {"core": RUNS, "all": RUNS + MORE_RUNS, "more": MORE_RUNS}[methods]
+    wanted = methods.split(",")
+    chosen = [run for run in RUNS + MORE_RUNS if run.preset in wanted or run.label in wanted]
+    if len(chosen) != len(wanted):
+        known = ", ".join(str(run.preset) for run in RUNS + MORE_RUNS)
+        raise AdapterError(f"unknown demo method in {methods!r}; choose core, all, more or from: {known}")
+    return chosen
 
 
 def model_path() -> str:
@@ -201,8 +223,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool = False, output: str | None = None, threads: int | None = None) -> list[dict[str, Any]]:
-    """Run every row of :data:`RUNS` and print the table (also to ``output`` as Markdown)."""
+def main(
+    quick: bool = False, output: str | None = None, threads: int | None = None, methods: str = "core"
+) -> list[dict[str, Any]]:
+    """Run the chosen rows (:func:`select_runs`) and print the table (also to ``output``, Markdown)."""
+    runs = select_runs(methods)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging
 
@@ -214,7 +239,7 @@ def main(quick: bool = False, output: str | None = None, threads: int | None = N
     splits = {k: encode(v) for k, v in raw.items()}
     print(f"MiniLM-L6 on VADER movie reviews: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}")
     rows = []
-    for run in RUNS:
+    for run in runs:
         rows.append(run_one(run, splits))
         r = rows[-1]
         print(f"  {r['method']:<17} test acc {100 * r['test']:.1f}  ({r['seconds']:.0f} s)", flush=True)
