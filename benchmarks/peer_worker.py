@@ -106,7 +106,8 @@ def peft_add(model, method):
         "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=10, task_type="SEQ_CLS"),
     }
     if method not in configs:
-        raise SystemExit(json.dumps({"skip": f"peft has no {method} adapter"}))
+        print(json.dumps({"skip": f"peft has no {method} adapter"}))
+        raise SystemExit(0)
     return peft.get_peft_model(model, configs[method]())
 
 
