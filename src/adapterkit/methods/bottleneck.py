@@ -33,7 +33,9 @@ INITS = ("bert", "mam_adapter", "houlsby")
 class PHMLinear(nn.Module):
     """Parameterised hypercomplex multiplication (Compacter): ``y = x H + b`` with
     ``H = sum_i kron(rule_i, W_i)``, ``rule`` (n, n, n) and ``W_i = left_i @ right_i`` (rank-r
-    factors (n, in/n, r) and (n, r, out/n)). ``rule`` may be shared by every layer of an adapter.
+    factors (n, in/n, r) and (n, r, out/n)). One ``rule`` serves every PHM layer of an adapter
+    (AdapterHub's ``shared_phm_rule``). The factors start Xavier-normal, which is what AdapterHub's
+    ``init_W`` does with its default ``hypercomplex_nonlinearity``.
     """
 
     def __init__(self, fan_in: int, fan_out: int, n: int, rank: int, rule: nn.Parameter, dtype, owner: bool) -> None:
@@ -44,7 +46,7 @@ class PHMLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(fan_out, dtype=dtype))
         for factor in (self.left, self.right):
             for i in range(n):
-                nn.init.xavier_uniform_(factor[i])
+                nn.init.xavier_normal_(factor[i])
 
     def weight(self) -> torch.Tensor:
         """``H`` (in, out)."""
@@ -57,27 +59,27 @@ class PHMLinear(nn.Module):
         return x @ self.weight() + self.bias
 
 
-def phm_rules(config: BottleneckConfig, dtype) -> tuple[nn.Parameter, nn.Parameter]:
-    """The (down, up) rule tensors (n, n, n) shared across layers, init N(0, phm_init_range)."""
+def phm_rule(config: BottleneckConfig, dtype) -> nn.Parameter:
+    """The rule tensor (n, n, n) shared by all PHM layers of one adapter, init N(0, phm_init_range)."""
     n = config.phm_dim
-    return tuple(nn.Parameter(torch.randn(n, n, n, dtype=dtype) * config.phm_init_range) for _ in range(2))
+    return nn.Parameter(torch.randn(n, n, n, dtype=dtype) * config.phm_init_range)
 
 
 class Bottleneck(nn.Module):
     """``(..., H) -> (..., H)``: ``scaling * dropout(Up(act(Down(h))))``, without the skip."""
 
     def __init__(
-        self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype, rules=None, owner: bool = True
+        self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype, rule=None, owner: bool = True
     ) -> None:
         super().__init__()
-        if rules is None:
+        if rule is None:
             self.adapter_down = nn.Linear(dim, size, dtype=dtype)
             self.adapter_up = nn.Linear(size, dim, dtype=dtype)
             self.reset_parameters(config.init_weights)
         else:  # Compacter
             n, rank = config.phm_dim, config.phm_rank
-            self.adapter_down = PHMLinear(dim, size, n, rank, rules[0], dtype, owner)
-            self.adapter_up = PHMLinear(size, dim, n, rank, rules[1], dtype, owner)
+            self.adapter_down = PHMLinear(dim, size, n, rank, rule, dtype, owner)
+            self.adapter_up = PHMLinear(size, dim, n, rank, rule, dtype, owner=False)
         self.act = ACT2FN[config.non_linearity]
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
@@ -171,7 +173,7 @@ class BottleneckConfig(AdapterConfig):
 
     The bottleneck is ``bottleneck_size`` if set, else ``hidden_size // reduction_factor``.
     ``leave_out`` lists layer indices that get no adapter. ``phm_layer`` makes it a Compacter:
-    both projections become :class:`PHMLinear` with rules shared across layers (the bottleneck is
+    both projections become :class:`PHMLinear` sharing one rule across layers (the bottleneck is
     rounded up to a multiple of ``phm_dim``). ``use_gating`` scales the adapter's output by a
     learned per-example gate ``mean_t sigmoid(Linear(h_t))`` (UniPELT, as AdapterHub).
     """
@@ -212,27 +214,27 @@ class BottleneckConfig(AdapterConfig):
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
-        placements, rules, made = [], None, []
+        placements, rule, made = [], None, []
         for index, (path, layer) in enumerate(find_layers(model, spec)):
             if index in self.leave_out:
                 continue
             attn_out = layer.get_submodule(spec.attn_out)
             dim, dtype = features(attn_out)[1], param_dtype(attn_out)
-            if self.phm_layer and rules is None:
+            if self.phm_layer and rule is None:
                 check(dim % self.phm_dim == 0, f"hidden size {dim} is not a multiple of phm_dim={self.phm_dim}")
-                rules = phm_rules(self, dtype)
-            new = self._factory(dim, dtype, rules, made)
+                rule = phm_rule(self, dtype)
+            new = self._factory(dim, dtype, rule, made)
             if self.mh_adapter:
                 placements += self._place(path, spec.attn_in, spec.attn_out, spec.attn_norm, None, new)
             if self.output_adapter:
                 placements += self._place(path, spec.ffn_in, spec.ffn_out, spec.ffn_norm, path, new)
         return placements
 
-    def _factory(self, dim: int, dtype: torch.dtype, rules, made: list):
-        """Makes bottlenecks; the first one made owns the shared Compacter rules."""
+    def _factory(self, dim: int, dtype: torch.dtype, rule, made: list):
+        """Makes bottlenecks; the first one made owns the shared Compacter rule."""
 
         def new() -> Bottleneck:
-            made.append(Bottleneck(dim, self.size(dim), self, dtype, rules, owner=not made))
+            made.append(Bottleneck(dim, self.size(dim), self, dtype, rule, owner=not made))
             return made[-1]
 
         return new
