@@ -5,8 +5,9 @@
 Each peer gets its own venv under ``benchmarks/.venvs/`` (created on first use from PyPI; adapters
 pins transformers 4.57). Every (library, method) pair runs in a fresh process
 (``peer_worker.py``) on a bert-base config with random weights, batch 16, seq 128, 2 threads. Times
-are reported as ratios to a baseline measured by the same library in the same kind of process:
-training step vs that library's full fine-tuning step, inference vs the bare model.
+are reported as ratios to a baseline measured by the same library: training step vs that
+library's full fine-tuning step (a separate process), inference vs the bare model with the same
+weights, run alternately in the same process (median of the paired ratios).
 """
 
 from __future__ import annotations
@@ -83,10 +84,10 @@ def report(results: dict[tuple[str, str], list[dict]]) -> str:
                 continue
             full = results[(lib, "none")]
             step = med(rows, "step_s") / med(full, "step_s")
-            infer = med(rows, "infer_s") / med(rows, "base_infer_s") - 1
+            infer = med(rows, "infer_ratio") - 1
             merged = (
-                f"{100 * (med(rows, 'merged_infer_s') / med(rows, 'base_infer_s') - 1):+.1f}%"
-                if "merged_infer_s" in rows[0]
+                f"{100 * (med(rows, 'merged_ratio') - 1):+.1f}%"
+                if "merged_ratio" in rows[0]
                 else ("fails" if "merge_error" in rows[0] else "n/a")
             )
             lines.append(

@@ -22,7 +22,7 @@ import torch
 import transformers as T
 
 BATCH, SEQ, THREADS = 16, 128, 2
-STEPS, INFER = 3, 3
+STEPS, INFER = 3, 4
 
 
 def bert_base() -> torch.nn.Module:
@@ -53,6 +53,24 @@ def infer_time(model) -> float:
     model.eval()
     x = inputs()
     return median_time(lambda: model(**x), INFER)
+
+
+@torch.no_grad()
+def infer_ratio(base, model) -> float:
+    """Median over alternating runs of time(model) / time(base): robust to drifting machine load."""
+    base.eval()
+    model.eval()
+    x = inputs()
+    ratios = []
+    for i in range(INFER + 1):
+        times = []
+        for m in (base, model) if i % 2 else (model, base):
+            start = time.perf_counter()
+            m(**x)
+            times.append(time.perf_counter() - start)
+        if i:  # the first pair warms up
+            ratios.append(times[1] / times[0] if i % 2 else times[0] / times[1])
+    return statistics.median(ratios)
 
 
 def step_time(model) -> float:
@@ -159,24 +177,28 @@ def main(lib: str, method: str) -> dict:
     torch.set_num_threads(THREADS)
     add, merge, save = LIBS[lib]
     model = bert_base()
-    result = {"lib": lib, "method": method, "base_infer_s": infer_time(model)}
-    if method != "none":
+    result = {"lib": lib, "method": method}
+    if method == "none":
+        result["base_infer_s"] = infer_time(model)
+    else:
         model = add(model, method)
-        result["infer_s"] = infer_time(model)
     result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["step_s"] = step_time(model)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if method != "none":
-        with tempfile.TemporaryDirectory() as tmp:
-            save(model, tmp)
-            result["saved_bytes"] = folder_bytes(tmp)
+    if method == "none":
+        return result
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, tmp)
+        result["saved_bytes"] = folder_bytes(tmp)
+    base = bert_base()  # the same seed: the same frozen weights, no adapter
+    result["infer_ratio"] = infer_ratio(base, model)
     if method in ("lora", "dora", "ia3"):
         try:
             merge(model)
         except Exception as e:  # noqa: BLE001 - a peer that cannot merge this method
             result["merge_error"] = f"{type(e).__name__}: {e}"[:200]
         else:
-            result["merged_infer_s"] = infer_time(model)
+            result["merged_ratio"] = infer_ratio(base, model)
     return result
 
 
