@@ -74,3 +74,25 @@ def randomize_adapters(model, std: float = 0.1, seed: int = 2):
 @pytest.fixture
 def bert():
     return make_model("bert")
+
+
+def assert_generate_matches_recompute(model, steps: int = 5):
+    """Greedy ``generate()`` with a KV cache equals greedy decoding that recomputes everything."""
+    ids = torch.tensor([[5, 9, 13, 2]])
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    tokens = ids
+    for _ in range(steps):
+        logits = model(tokens, use_cache=False).logits
+        assert logits.shape[1] == tokens.shape[1]
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, tokens)
+
+
+def assert_left_padding_ignored(model):
+    """A left-padded row gives the logits of the same row alone."""
+    ids = torch.tensor([[0, 0, 7, 8, 9], [3, 4, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    batched = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    alone = model(input_ids=ids[:1, 2:]).logits
+    torch.testing.assert_close(batched[0, 2:], alone[0], atol=1e-4, rtol=1e-4)

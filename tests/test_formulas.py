@@ -195,7 +195,7 @@ def test_lora_on_embedding_and_conv2d():
     x = torch.randn(1, 3, 8, 8)
     delta = F.conv2d(F.conv2d(x, lora.lora_A.weight, stride=4), lora.lora_B.weight) * (8 / 2)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=4) + delta, atol=1e-5, rtol=1e-5)
-    merged = F.conv2d(x, conv.weight + lora.delta_weight(), conv.bias, stride=4)
+    merged = F.conv2d(x, conv.weight + lora.delta_weight(conv), conv.bias, stride=4)
     torch.testing.assert_close(conv(x), merged, atol=1e-5, rtol=1e-5)
 
     bert = make_model("bert", head=False)

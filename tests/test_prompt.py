@@ -5,7 +5,7 @@ import torch
 
 import adapterkit as ak
 
-from conftest import make_model, randomize_adapters
+from conftest import assert_generate_matches_recompute, assert_left_padding_ignored, make_model, randomize_adapters
 
 
 def with_prompt(arch, **overrides):
@@ -51,26 +51,12 @@ def test_encoder_padding(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_generate_with_kv_cache_equals_full_recompute(arch):
-    model = with_prompt(arch)
-    ids = torch.tensor([[5, 9, 13, 2]])
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    tokens = ids
-    for _ in range(5):
-        logits = model(tokens, use_cache=False).logits
-        assert logits.shape[1] == tokens.shape[1]
-        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, tokens)
+    assert_generate_matches_recompute(with_prompt(arch))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_decoder_left_padding(arch):
-    model = with_prompt(arch)
-    ids = torch.tensor([[0, 0, 7, 8, 9], [3, 4, 7, 8, 9]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    batched = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-    alone = model(input_ids=ids[:1, 2:]).logits
-    torch.testing.assert_close(batched[0, 2:], alone[0], atol=1e-4, rtol=1e-4)
+    assert_left_padding_ignored(with_prompt(arch))
 
 
 def test_init_from_text_and_vocab():

@@ -30,7 +30,22 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d))
 
 
-class LoRA(AdapterModule):
+class _Additive(AdapterModule):
+    """Merges as ``host.weight += delta_weight(host)``; unmerges by subtracting it."""
+
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        host.weight.add_(self.delta_weight(host).to(host.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        host.weight.sub_(self.delta_weight(host).to(host.weight.dtype))
+
+
+class LoRA(_Additive):
     """Low-rank update of one linear host: ``(..., in) -> (..., out)`` added to its output."""
 
     def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
@@ -58,19 +73,18 @@ class LoRA(AdapterModule):
             delta = delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
         return out + delta.to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta(self) -> torch.Tensor:
         """``s B A``, shape (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    @torch.no_grad()
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        """``s B A`` in the host's layout (transposed for ``Conv1D``)."""
+        return self.delta() if isinstance(host, nn.Linear) else self.delta().T
+
     def merge(self, host: nn.Module) -> None:
         if self.gate is not None:
             raise AdapterError("a gated LoRA depends on its input and cannot be merged")
-        _weight_oi(host).add_(self.delta_weight().to(host.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, host: nn.Module) -> None:
-        _weight_oi(host).sub_(self.delta_weight().to(host.weight.dtype))
+        super().merge(host)
 
 
 def _weight_oi(host: nn.Module) -> torch.Tensor:
@@ -90,7 +104,7 @@ class DoRA(LoRA):
 
     def scale(self, host: nn.Module) -> torch.Tensor:
         """``m / ||W + s B A||`` per output row, the norm detached as in the DoRA paper."""
-        weight = _weight_oi(host).to(self.lora_A.dtype) + self.delta_weight().detach()
+        weight = _weight_oi(host).to(self.lora_A.dtype) + self.delta().detach()
         return self.lora_magnitude / weight.norm(dim=1).detach()
 
     def adapt(self, host, x, out):
@@ -105,19 +119,19 @@ class DoRA(LoRA):
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
         weight = _weight_oi(host)
-        self.merged_norm = (weight.to(self.lora_A.dtype) + self.delta_weight()).norm(dim=1)
+        self.merged_norm = (weight.to(self.lora_A.dtype) + self.delta()).norm(dim=1)
         factor = (self.lora_magnitude / self.merged_norm)[:, None]
-        weight.copy_((factor * (weight + self.delta_weight())).to(weight.dtype))
+        weight.copy_((factor * (weight + self.delta())).to(weight.dtype))
 
     @torch.no_grad()
     def unmerge(self, host: nn.Module) -> None:
         weight = _weight_oi(host)
         factor = (self.lora_magnitude / self.merged_norm)[:, None]
-        weight.copy_((weight / factor - self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight / factor - self.delta()).to(weight.dtype))
         self.merged_norm = None
 
 
-class LoRAEmbedding(AdapterModule):
+class LoRAEmbedding(_Additive):
     """LoRA on an ``nn.Embedding``: ``E[x] + s * (A^T[x]) B^T`` with A (r, num), B (dim, r)."""
 
     def __init__(self, host: nn.Embedding, config: LoRAConfig) -> None:
@@ -132,19 +146,11 @@ class LoRAEmbedding(AdapterModule):
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=host.padding_idx)
         return out + (after_a @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num, dim)
 
-    @torch.no_grad()
-    def merge(self, host: nn.Module) -> None:
-        host.weight.add_(self.delta_weight().to(host.weight.dtype))
 
-    @torch.no_grad()
-    def unmerge(self, host: nn.Module) -> None:
-        host.weight.sub_(self.delta_weight().to(host.weight.dtype))
-
-
-class LoRAConv(AdapterModule):
+class LoRAConv(_Additive):
     """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv like the host's (to r channels), B 1x1."""
 
     def __init__(self, host: nn.Conv1d | nn.Conv2d, config: LoRAConfig) -> None:
@@ -163,18 +169,10 @@ class LoRAConv(AdapterModule):
             out.dtype
         )
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
         """``s * sum_r B[o, r] A[r, i, ...]``, the host's weight shape (out, in, *kernel)."""
         b = self.lora_B.weight.flatten(1)  # (out, r)
         return torch.einsum("or,r...->o...", b, self.lora_A.weight) * self.scaling
-
-    @torch.no_grad()
-    def merge(self, host: nn.Module) -> None:
-        host.weight.add_(self.delta_weight().to(host.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, host: nn.Module) -> None:
-        host.weight.sub_(self.delta_weight().to(host.weight.dtype))
 
 
 def make_lora(host: nn.Module, config: LoRAConfig) -> AdapterModule:
