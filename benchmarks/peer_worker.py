@@ -22,7 +22,7 @@ import torch
 import transformers as T
 
 BATCH, SEQ, THREADS = 16, 128, 2
-STEPS, INFER = 3, 4
+STEPS, INFER = 2, 3
 
 
 def bert_base() -> torch.nn.Module:

@@ -50,7 +50,7 @@ MORE_RUNS = [  # `--methods all`: every other family
     Run("dora (r=8)", "dora", lr=1e-3, epochs=1.75),
     Run("ia3", "ia3", lr=5e-3, epochs=1.75),
     Run("compacter", "compacter", lr=3e-3, epochs=1.75),
-    Run("prefix (30)", "prefix", lr=2e-3, epochs=1.75),
+    Run("prefix (30)", "prefix", lr=5e-4, epochs=1.75),
     Run("prompt (10)", "prompt", lr=3e-2, epochs=1.75),
     Run("mam", "mam", lr=1e-3, epochs=1.75),
     Run("unipelt", "unipelt", lr=1e-3, epochs=1.75),
