@@ -52,7 +52,7 @@ MORE_RUNS = [  # `--methods all`: every other family
     Run("compacter", "compacter", lr=3e-3, epochs=1.75),
     Run("prefix (30)", "prefix", lr=5e-4, epochs=1.75),
     Run("prompt (10)", "prompt", lr=3e-2, epochs=1.75),
-    Run("mam", "mam", lr=1e-3, epochs=1.75),
+    Run("mam", "mam", lr=5e-4, epochs=1.75),
     Run("unipelt", "unipelt", lr=1e-3, epochs=1.75),
 ]
 
