@@ -8,6 +8,7 @@ method it holds.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from typing import Any, ClassVar
@@ -56,17 +57,17 @@ class AdapterModule(nn.Module):
 
 
 @dataclasses.dataclass
-class AdapterConfig:
+class AdapterConfig(abc.ABC):
     """Base of every method's config. Fields are plain JSON values."""
 
     method: ClassVar[str] = ""
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook; most methods check their fields
         """Raise :class:`ConfigError` for a value the method cannot use."""
 
-    def build(self, model: nn.Module, spec: ArchSpec) -> list[tuple[str, AdapterModule]]:
+    @abc.abstractmethod
+    def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         """Create the adapter modules and say where each goes (full module paths)."""
-        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

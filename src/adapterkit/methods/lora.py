@@ -14,6 +14,7 @@ from the rescaling). Merged: ``W' = (m / n) * (W + s B A)``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -30,11 +31,12 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d))
 
 
-class _Additive(AdapterModule):
+class _Additive(AdapterModule, metaclass=abc.ABCMeta):
     """Merges as ``host.weight += delta_weight(host)``; unmerges by subtracting it."""
 
+    @abc.abstractmethod
     def delta_weight(self, host: nn.Module) -> torch.Tensor:
-        raise NotImplementedError
+        """The update in the host's weight layout."""
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
