@@ -96,3 +96,13 @@ def assert_left_padding_ignored(model):
     batched = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
     alone = model(input_ids=ids[:1, 2:]).logits
     torch.testing.assert_close(batched[0, 2:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def assert_right_padding_ignored(model):
+    """An encoder's right-padded row gives the hidden states of the same row alone."""
+    ids = torch.randint(2, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    batched = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    alone = model.base_model(input_ids=ids[1:, :4]).last_hidden_state
+    torch.testing.assert_close(batched[1, :4], alone[0], atol=1e-5, rtol=1e-5)
