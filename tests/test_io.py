@@ -103,9 +103,12 @@ def test_truncated_and_corrupt_files(saved, tmp_path):
         ak.load_adapter(make_model("bert"), tmp_path / "nowhere")
 
 
-def test_peer_formats_are_named(tmp_path):
+def test_incomplete_peer_config_is_named(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(ak.AdapterFileError, match="peft or AdapterHub"):
+    with pytest.raises(ak.AdapterFileError, match="peft config with a missing or malformed field .*'r'"):
+        ak.load_adapter(make_model("bert"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"something": 1}))
+    with pytest.raises(ak.AdapterFileError, match="neither an adapterkit, a peft nor an AdapterHub"):
         ak.load_adapter(make_model("bert"), tmp_path)
 
 

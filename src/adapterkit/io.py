@@ -3,6 +3,7 @@
 Tensor keys are module paths relative to the backbone (``encoder.layer.0.output.dense.lora_A``),
 so an adapter saved from a model with a task head loads into a bare model and back. Every write
 goes to a temporary folder that is renamed into place: a crash never leaves half an adapter.
+peft and AdapterHub folders are read and written through :mod:`adapterkit.formats`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import core
@@ -24,9 +26,11 @@ from . import state as st
 from .arch import model_type
 from .backbone import base_prefix, fingerprint, head_parameters, same_base
 from .errors import AdapterError, AdapterFileError
-from .methods import config_from_dict
+from .formats import adapterhub, peft, pick, read_json, read_tensors
+from .methods import AdapterConfig, config_from_dict
 
 FORMAT = "adapterkit"
+PEERS: dict[str, ModuleType] = {"peft": peft, "adapterhub": adapterhub}
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -44,9 +48,21 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, *, with_head: bool = True) -> Path:
-    """Write adapter ``name`` (and the task head, if the model has one) to folder ``path``."""
+def save_adapter(
+    model: nn.Module, name: str, path: str | os.PathLike, *, with_head: bool = True, format: str = FORMAT
+) -> Path:
+    """Write adapter ``name`` (and the task head, if the model has one) to folder ``path``.
+
+    ``format``: ``"adapterkit"`` (default), ``"peft"`` (for ``PeftModel.from_pretrained``) or
+    ``"adapterhub"`` (for ``adapters``' ``load_adapter``). A method or option the target format
+    cannot express raises :class:`AdapterFileError` and writes nothing.
+    """
     state = core._known(model, name)
+    if format in PEERS:
+        jsons, tensors = PEERS[format].export(model, name, state.configs[name], with_head)
+        return _write_atomically(Path(path), jsons, tensors)
+    if format != FORMAT:
+        raise AdapterError(f"unknown format {format!r}; choose adapterkit, peft or adapterhub")
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -62,17 +78,18 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, *, with_h
     files = {WEIGHTS_FILE: adapter_state_dict(model, name)}
     if config["head"]:
         files[HEAD_FILE] = {k: p.detach() for k, p in head_parameters(model).items()}
-    return _write_atomically(Path(path), config, files)
+    return _write_atomically(Path(path), {CONFIG_FILE: config}, files)
 
 
-def _write_atomically(path: Path, config: dict[str, Any], files: dict[str, dict[str, torch.Tensor]]) -> Path:
+def _write_atomically(path: Path, jsons: dict[str, dict], files: dict[str, dict[str, torch.Tensor]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         for filename, tensors in files.items():
             tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
             save_file(tensors, tmp / filename, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for filename, data in jsons.items():
+            (tmp / filename).write_text(json.dumps(data, indent=2) + "\n")
         for child in tmp.iterdir():
             with open(child, "rb") as f:
                 os.fsync(f.fileno())
@@ -89,32 +106,22 @@ def _write_atomically(path: Path, config: dict[str, Any], files: dict[str, dict[
     return path
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise AdapterFileError(f"{file} not found: {path} is not a saved adapter folder")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{file} is corrupt ({e}); save the adapter again") from e
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{file} is not a JSON object; save the adapter again")
-    if "peft_type" in data or "model_class" in data:
-        raise AdapterFileError(
-            f"{path} holds a peft or AdapterHub adapter; this version reads adapterkit's own format only"
-        )
-    if data.get("format") != FORMAT:
-        raise AdapterFileError(f"{file} is not an adapterkit adapter config (no 'format': 'adapterkit')")
-    return data
+def locate(path: Path, name: str | None = None) -> tuple[Path, dict[str, Any], ModuleType | None]:
+    """``(folder, config, peer format module or None for adapterkit's own)`` of a saved adapter.
 
-
-def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise AdapterFileError(f"{file} is missing; the adapter folder is incomplete, save it again")
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{file} is corrupt or truncated ({e}); save the adapter again") from e
+    A folder without a config of its own may hold the adapter in sub-folder ``name`` (peft's
+    layout for adapters not called "default").
+    """
+    folder = path if (path / CONFIG_FILE).is_file() or not name else path / name
+    if not (folder / CONFIG_FILE).is_file():
+        raise AdapterFileError(f"{path / CONFIG_FILE} not found: {path} is not a saved adapter folder")
+    data = read_json(folder / CONFIG_FILE)
+    if data.get("format") == FORMAT:
+        return folder, data, None
+    for peer in PEERS.values():
+        if peer.matches(data):
+            return folder, data, peer
+    raise AdapterFileError(f"{folder / CONFIG_FILE} is neither an adapterkit, a peft nor an AdapterHub adapter config")
 
 
 def load_adapter(
@@ -127,26 +134,53 @@ def load_adapter(
 ) -> str:
     """Load a saved adapter into ``model`` and return its name.
 
-    The base model's type and fingerprint are checked, and every tensor's name and shape, before
-    anything in ``model`` changes; a mismatch raises :class:`AdapterFileError`.
+    Reads adapterkit's folders and peft's and AdapterHub's (detected from the files). Every
+    tensor's name and shape is checked (and for adapterkit's own format the base model's type and
+    fingerprint) before anything in ``model`` changes; a mismatch raises :class:`AdapterFileError`.
     """
-    path = Path(path)
-    data = read_config(path)
+    folder, data, peer = locate(Path(path), name)
+    head_wanted = bool(load_head and head_parameters(model))  # a bare model takes no head
+    if peer is not None:
+        try:
+            config = peer.to_config(data, model)
+        except (KeyError, TypeError, ValueError) as e:
+            raise AdapterFileError(
+                f"{folder / CONFIG_FILE}: a {peer.NAME} config with a missing or malformed field ({e!r}); save it again"
+            ) from e
+        tensors, head, file = peer.read(folder, data, head_wanted)
+        peer_name = data.get("name") or "default"
+        name = name or peer_name
+        return _install(
+            model, name, config, file, head, activate, lambda: pick(tensors, peer.key_map(model, name, peer_name), file)
+        )
     name = name or data["name"]
-    tensors = read_tensors(path / WEIGHTS_FILE)
-    wants_head = load_head and data.get("head") and head_parameters(model)  # a bare model takes none
-    head = read_tensors(path / HEAD_FILE) if wants_head else {}
-    _check_base(model, data["base_model"], path)
-    _check_head(model, head, path)
-    config = config_from_dict(data["config"])
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    head = read_tensors(folder / HEAD_FILE) if head_wanted and data.get("head") else {}
+    _check_base(model, data["base_model"], folder)
+    return _install(
+        model, name, config_from_dict(data["config"]), folder / WEIGHTS_FILE, head, activate, lambda: tensors
+    )
+
+
+def _install(
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    file: Path,
+    head: dict[str, torch.Tensor],
+    activate: bool,
+    tensors: Callable[[], dict[str, torch.Tensor]],
+) -> str:
+    """Add the adapter, fill it from ``tensors()`` (keyed as ``adapter_state_dict``) and the head."""
+    _check_head(model, head, file)
     core.add_adapter(model, name, config)
     try:
-        _copy_into(adapter_state_dict(model, name), tensors, path / WEIGHTS_FILE)
+        _copy_into(adapter_state_dict(model, name), tensors(), file)
     except AdapterFileError:
         core.delete_adapter(model, name)
         raise
     params = head_parameters(model)
-    _copy_into({k: params[k] for k in head}, head, path / HEAD_FILE)
+    _copy_into({k: params[k] for k in head}, head, file)
     if activate:
         core.set_active(model, name)
     return name
@@ -170,33 +204,56 @@ def _check_base(model: nn.Module, saved: dict[str, Any], path: Path) -> None:
         )
 
 
-def _check_head(model: nn.Module, head: dict[str, torch.Tensor], path: Path) -> None:
+def _check_head(model: nn.Module, head: dict[str, torch.Tensor], file: Path) -> None:
     params = head_parameters(model)
     for key, tensor in head.items():
         if key not in params or params[key].shape != tensor.shape:
             have = tuple(params[key].shape) if key in params else "absent"
             raise AdapterFileError(
-                f"{path / HEAD_FILE}: head tensor {key} {tuple(tensor.shape)} does not fit this model "
+                f"{file}: head tensor {key} {tuple(tensor.shape)} does not fit this model "
                 f"({have}); build the model with the same head (e.g. num_labels) or pass load_head=False"
             )
+
+
+def _fits(shape: torch.Size, tensor: torch.Tensor) -> bool:
+    """Equal shapes up to size-1 axes ((out, 1) vs (out,)), or a flat 1-D copy (AdapterHub's flat prefix)."""
+    squeeze = [d for d in shape if d != 1]
+    return squeeze == [d for d in tensor.shape if d != 1] or (tensor.ndim == 1 and tensor.numel() == shape.numel())
 
 
 @torch.no_grad()
 def _copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], file: Path) -> None:
     for key in sorted(set(params) | set(tensors)):
-        if key not in tensors or key not in params or params[key].shape != tensors[key].shape:
+        if key not in tensors or key not in params or not _fits(params[key].shape, tensors[key]):
             want = tuple(params[key].shape) if key in params else "absent in this model"
             got = tuple(tensors[key].shape) if key in tensors else "absent in the file"
             raise AdapterFileError(f"{file}: tensor {key} does not fit: model {want}, file {got}")
     for key, tensor in tensors.items():
-        params[key].copy_(tensor)
+        params[key].copy_(tensor.reshape(params[key].shape))
 
 
-def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """The saved config plus ``{tensor name: shape}`` of a saved adapter folder."""
-    path = Path(path)
-    data = read_config(path)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise AdapterError(f"{path / WEIGHTS_FILE} is missing")
-    data["tensors"] = {k: list(v.shape) for k, v in read_tensors(path / WEIGHTS_FILE).items()}
-    return data
+def inspect_adapter(path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+    """What a saved adapter folder holds, in any of the three formats.
+
+    Returns ``{"format", "name", "method", "config", "base_model", "tensors": {key: shape},
+    "head": {key: shape}, "params"}``; ``base_model["fingerprint"]`` is only recorded by adapterkit.
+    """
+    folder, data, peer = locate(Path(path), name)
+    if peer is None:
+        tensors, head = read_tensors(folder / WEIGHTS_FILE), {}
+        if data.get("head"):
+            head = read_tensors(folder / HEAD_FILE)
+        info = {
+            "format": FORMAT,
+            "name": data["name"],
+            "method": data["config"].get("method"),
+            "config": data["config"],
+        }
+        info["base_model"] = data["base_model"]
+    else:
+        tensors, head, _ = peer.read(folder, data, True)
+        info = {"format": peer.NAME, **peer.describe(data)}
+    info["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+    info["head"] = {k: list(v.shape) for k, v in head.items()}
+    info["params"] = sum(v.numel() for v in tensors.values())
+    return info

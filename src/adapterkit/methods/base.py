@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import inspect
 import re
 from typing import Any, ClassVar
 
@@ -131,6 +133,22 @@ def find_targets(
         module = model.get_submodule(name)
         check(any(k(module) for k in kinds), f"cannot adapt {name} ({type(module).__name__}); target {what} modules")
     return names
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def call_arguments(host: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by name (positional ones too), ``**kwargs`` flattened."""
+    signature = _signature(type(host))
+    arguments = dict(signature.bind_partial(None, *args, **kwargs).arguments)
+    arguments.pop(next(iter(signature.parameters)))  # self
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))
+    return arguments
 
 
 def replace_first(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:

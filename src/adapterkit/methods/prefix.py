@@ -5,8 +5,9 @@ The prefix enters where attention is computed: adapterkit registers an attention
 model's own) that prepends the active prefixes to the keys and values after positional encoding
 and after the KV cache, and extends the attention mask with P always-visible columns. So:
 
-* position ids of the real tokens are unchanged (AdapterHub's semantics; peft passes the prefix as
-  ``past_key_values``, which shifts BERT/GPT-2 positions to P..P+T-1);
+* position ids of the real tokens are unchanged (AdapterHub's semantics); ``shift_positions=True``
+  gives peft's, which passes the prefix as ``past_key_values`` and so moves the real tokens to
+  positions P..P+T-1 (absolute embeddings and RoPE alike; set when a peft prefix is loaded);
 * the prefix never enters the KV cache, so ``generate()`` works unchanged;
 * padding works: the model's own mask is kept for the real tokens.
 
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, find_layers, spec_for
+from ..backbone import base_prefix
 from ..errors import ConfigError
 from ..state import SLOT
-from .base import AdapterConfig, AdapterModule, check, param_dtype, share
+from .base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 
 
 class PrefixGenerator(nn.Module):
@@ -59,12 +61,16 @@ class PrefixGenerator(nn.Module):
         last = self.control_trans[2]
         return self.dropout(F.linear(hidden, last.weight[rows], last.bias[rows]))  # only this layer's rows
 
+    def full(self) -> torch.Tensor:
+        """All layers' prefixes ``(P, L * 2 * kv)``, without dropout (what peft saves)."""
+        return self.prefix if hasattr(self, "prefix") else self.control_trans(self.wte.weight)
+
     @torch.no_grad()
     def bake(self) -> None:
         """Replace the MLP by its output: same prefixes, no MLP at inference."""
         if hasattr(self, "prefix"):
             return
-        full = self.control_trans(self.wte.weight)
+        full = self.full()
         del self.wte, self.control_trans
         self.prefix = nn.Parameter(full.clone())
 
@@ -104,6 +110,28 @@ class Prefix(AdapterModule):
 
     def bake(self) -> None:
         self.generator.bake()
+
+
+class PositionShift(AdapterModule):
+    """On the backbone: real tokens at positions ``P + past + i``, as if the prefix sat in the cache."""
+
+    edits_inputs = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = length
+
+    def adapt_inputs(self, host, args, kwargs):
+        bound = call_arguments(host, args, kwargs)
+        positions = bound.get("position_ids")
+        if positions is None:
+            tokens = bound.get("input_ids")
+            tokens = tokens if tokens is not None else bound["inputs_embeds"]
+            cache = bound.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
+        bound["position_ids"] = positions + self.length
+        return (), bound
 
 
 def _prefixes(module: nn.Module, key: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,6 +206,7 @@ class PrefixConfig(AdapterConfig):
     flat: bool = False
     dropout: float = 0.0
     use_gating: bool = False
+    shift_positions: bool = False
 
     def validate(self) -> None:
         check(self.prefix_length > 0, f"prefix_length must be > 0, got {self.prefix_length}")
@@ -194,7 +223,10 @@ class PrefixConfig(AdapterConfig):
         hidden, kv_heads, head_dim = attention_shape(model)
         dtype = param_dtype(model.get_submodule(f"{layers[0]}.{spec.attn_out}"))
         generator = PrefixGenerator(self, len(layers), hidden, kv_heads * head_dim, dtype)
-        return [
+        placements = [
             (f"{path}.{spec.attn_in}", Prefix(generator, i, kv_heads, hidden, self.use_gating))
             for i, path in enumerate(layers)
         ]
+        if self.shift_positions:
+            placements.append((base_prefix(model)[:-1], PositionShift(self.prefix_length)))
+        return placements

@@ -18,8 +18,6 @@ sampled from the vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import threading
 
 import torch
@@ -27,7 +25,7 @@ from torch import nn
 
 from ..arch import ArchSpec, spec_for
 from ..backbone import base_prefix
-from .base import AdapterConfig, AdapterModule, check, param_dtype, share
+from .base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 
 
 class _Flag:
@@ -43,22 +41,6 @@ class _Flag:
         return self.values.get(threading.get_ident(), True)
 
 
-@functools.cache
-def _signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
-
-
-def _call_arguments(host: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """A forward call's arguments by name (positional ones too), ``**kwargs`` flattened."""
-    signature = _signature(type(host))
-    arguments = dict(signature.bind_partial(None, *args, **kwargs).arguments)
-    arguments.pop(next(iter(signature.parameters)))  # self
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
-            arguments.update(arguments.pop(name))
-    return arguments
-
-
 class PromptCall(AdapterModule):
     """On the backbone: extend the mask (and positions) for the P prompt positions."""
 
@@ -70,7 +52,7 @@ class PromptCall(AdapterModule):
         self.flag, self.shift_positions = flag, shift_positions
 
     def adapt_inputs(self, host, args, kwargs):
-        bound = _call_arguments(host, args, kwargs)
+        bound = call_arguments(host, args, kwargs)
         cache = bound.get("cache", bound.get("past_key_values"))
         insert = cache is None or cache.get_seq_length() == 0
         self.flag.set(insert)
