@@ -111,7 +111,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS[1:]), help="comma-separated subset")
     parser.add_argument("--output", default=str(HERE / "results_peers.md"))
+    parser.add_argument("--setup", action="store_true", help="only create the peers' venvs (for tests and CI)")
     args = parser.parse_args()
+    if args.setup:
+        print(*(python_for(lib) for lib in PEERS))
+        return
     METHODS[1:] = args.methods.split(",")
     text = report(run(args.rounds))
     print(text)

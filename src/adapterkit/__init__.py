@@ -5,6 +5,7 @@
 >>> ak.train_adapter(model, "sentiment")
 """
 
+from . import formats
 from .arch import ARCHITECTURES, ArchSpec, register_architecture
 from .core import (
     Summary,
@@ -57,6 +58,7 @@ __all__ = [
     "bake_adapter",
     "delete_adapter",
     "disable_adapters",
+    "formats",
     "inspect_adapter",
     "list_adapters",
     "load_adapter",

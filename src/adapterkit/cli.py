@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: ``demo``, ``info`` and ``inspect``."""
+"""``adapterkit`` command line: ``demo``, ``info``, ``inspect`` and ``convert``."""
 
 from __future__ import annotations
 
@@ -42,13 +42,44 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .io import inspect_adapter
 
     info = inspect_adapter(args.path)
-    tensors = info.pop("tensors")
-    fingerprint = info["base_model"].pop("fingerprint", {})
-    info["base_model"]["fingerprint_params"] = len(fingerprint)
-    info["params"] = sum(_numel(shape) for shape in tensors.values())
+    tensors, head = info.pop("tensors"), info.pop("head")
+    fingerprint = info["base_model"].pop("fingerprint", None) or {}
+    info["base_model"]["fingerprint_params"] = len(fingerprint)  # 0: peft and AdapterHub record none
     print(json.dumps(info, indent=2))
-    for name, shape in tensors.items():
+    for name, shape in {**tensors, **head}.items():
         print(f"{name}  {shape}")
+
+
+TASKS = {"bare": "AutoModel", "seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from .io import inspect_adapter, load_adapter, save_adapter
+
+    info = inspect_adapter(args.src)
+    base = args.base or info["base_model"].get("name_or_path")
+    if not base or not os.path.isdir(base):
+        raise AdapterError(f"the base model {base!r} is not a local folder; pass --base MODEL_DIR")
+    task = args.task or ("seq-cls" if info["head"] else "bare")
+    kwargs = {"num_labels": _num_labels(info["head"])} if task == "seq-cls" else {}
+    model = getattr(transformers, TASKS[task]).from_pretrained(base, **kwargs)
+    name = load_adapter(model, args.src, args.name)
+    path = save_adapter(model, name, args.dst, format=args.to)
+    what = f"{info['method']}, {info['params']:,} params, head: {bool(info['head'])}"
+    print(f"{info['format']} -> {args.to}: {path} ({what})")
+
+
+def _num_labels(head: dict[str, list[int]]) -> int:
+    """The classifier's output size: the smallest first axis among the head's matrices."""
+    shapes = [shape for key, shape in head.items() if key.endswith("weight") and len(shape) == 2]
+    if not shapes:
+        raise AdapterError("the adapter has no classification head; pass --task bare or --task causal-lm")
+    return min(shape[0] for shape in shapes)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -73,6 +104,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="show a saved adapter's config and tensors")
     s.add_argument("path")
     s.set_defaults(func=cmd_inspect)
+    c = sub.add_parser("convert", help="convert an adapter folder between adapterkit, peft and AdapterHub")
+    c.add_argument("src", help="an adapter folder in any of the three formats")
+    c.add_argument("dst", help="the folder to write")
+    c.add_argument("--to", required=True, choices=["adapterkit", "peft", "adapterhub"])
+    c.add_argument("--base", help="the local base model folder (default: the one the adapter names)")
+    c.add_argument("--task", choices=sorted(TASKS), help="the model class (default: seq-cls if the adapter has a head)")
+    c.add_argument("--name", help="the adapter's name (peft: its sub-folder)")
+    c.set_defaults(func=cmd_convert)
     return p
 
 

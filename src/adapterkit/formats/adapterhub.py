@@ -402,7 +402,8 @@ def _tensors(model: nn.Module, name: str, config: AdapterConfig) -> dict[str, to
         top = {k: v for k, v in out.items() if k.startswith("prefix_tuning.")}
         for layer in _layers(model):
             for key, value in top.items():
-                out[f"{layer}.{spec.attn_in}{_POOL}{key.removeprefix('prefix_tuning.prefix_tunings.')}"] = value
+                copy = f"{layer}.{spec.attn_in}{_POOL}{key.removeprefix('prefix_tuning.prefix_tunings.')}"
+                out[copy] = value.clone()  # safetensors refuses tensors that share memory
     return {prefix + k: v for k, v in out.items()}
 
 

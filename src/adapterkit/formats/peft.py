@@ -122,7 +122,8 @@ def export(model: nn.Module, name: str, config: AdapterConfig, with_head: bool) 
         "modules_to_save": sorted({k.split(".")[0] for k in head}) or None,
         **_method_fields(model, name, config),
     }
-    tensors = {WRAPPER + k: v for k, v in _tensors(model, name, config).items()}
+    prefix = WRAPPER + base_prefix(model)
+    tensors = {(prefix if "." in k else WRAPPER) + k: v for k, v in _tensors(model, name, config).items()}
     tensors.update({WRAPPER + k: p.detach() for k, p in head.items()})
     return {CONFIG_FILE: data}, {WEIGHTS[0]: tensors}
 
