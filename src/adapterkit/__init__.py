@@ -23,6 +23,7 @@ from .core import (
 )
 from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from .io import inspect_adapter, load_adapter, save_adapter
+from .merging import merge_adapters
 from .methods import (
     PRESETS,
     AdapterConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "merge_adapter",
+    "merge_adapters",
     "register_architecture",
     "save_adapter",
     "set_active",
