@@ -256,3 +256,42 @@ def test_transformers_trainer_trains_only_adapter_and_head(bert, tmp_path):
     changed = {k for k, v in bert.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".adapterkit.a." in k or k.startswith("classifier.") for k in changed)
     assert any(".adapterkit.a." in k for k in changed)
+
+
+def test_use_is_per_thread_and_per_task():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model("bert", head=False)
+    for name in ("a", "b"):
+        ak.add_adapter(model, name, "lora")
+    randomize_adapters(model)
+    x = make_inputs("bert")
+
+    def run(names):
+        with ak.use(model, names), torch.no_grad():
+            return model(**x).last_hidden_state
+
+    expected = {n: run(n) for n in ("a", "b", None)}
+    assert not torch.allclose(expected["a"], expected["b"])
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [(n, pool.submit(run, n)) for n in ["a", "b", None] * 8]
+        for name, job in jobs:
+            torch.testing.assert_close(job.result(), expected[name], atol=0, rtol=0)
+
+    async def task(name):
+        with ak.use(model, name):
+            await asyncio.sleep(0.01)  # the other task switches adapters meanwhile
+            assert ak.active_adapters(model) == ((name,) if name else ())
+            with torch.no_grad():
+                return model(**x).last_hidden_state
+
+    async def both():
+        return await asyncio.gather(task("a"), task("b"), task(None))
+
+    for name, out in zip(["a", "b", None], asyncio.run(both()), strict=True):
+        torch.testing.assert_close(out, expected[name], atol=0, rtol=0)
+    assert ak.active_adapters(model) == ()
+    ak.merge_adapter(model, "a")
+    with pytest.raises(ak.AdapterError, match="merged"), ak.use(model, "b"):
+        pass

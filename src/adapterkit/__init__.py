@@ -20,6 +20,7 @@ from .core import (
     summary,
     train_adapter,
     unmerge_adapter,
+    use,
 )
 from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from .io import inspect_adapter, load_adapter, save_adapter
@@ -72,4 +73,5 @@ __all__ = [
     "train_adapter",
     "union",
     "unmerge_adapter",
+    "use",
 ]

@@ -78,11 +78,29 @@ def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
 
 def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
     """Activate one adapter, several (applied in order at each site), or none (``None``)."""
+    st.get_state(model, create=True).active = _names(model, names)
+
+
+def _names(model: nn.Module, names: str | Sequence[str] | None) -> tuple[str, ...]:
     names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
-    state = st.get_state(model, create=True)
     for name in names:
         _known(model, name)
-    state.active = names
+    return names
+
+
+@contextlib.contextmanager
+def use(model: nn.Module, names: str | Sequence[str] | None) -> Iterator[None]:
+    """Activate ``names`` inside the block for this thread / asyncio task only.
+
+    The setup lives in a ``ContextVar``: concurrent requests may each ``use`` another adapter on
+    one shared model. ``model``'s own ``set_active`` setup is untouched.
+    """
+    names = _names(model, names)
+    state = st.get_state(model, create=True)
+    if state.merged - set(names):
+        raise AdapterError(f"adapters {sorted(state.merged)} are merged into the weights; unmerge_adapter them first")
+    with state.override(names):
+        yield
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
