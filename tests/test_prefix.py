@@ -59,6 +59,22 @@ def test_decoder_left_padding(arch):
     assert_left_padding_ignored(with_prefix(arch))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_peft_positions_work_with_generate_and_padding(arch):
+    assert_generate_matches_recompute(with_prefix(arch, shift_positions=True))
+    assert_left_padding_ignored(with_prefix(arch, shift_positions=True))
+
+
+def test_shift_positions_moves_real_tokens_by_the_prefix_length():
+    model = with_prefix("gpt2", shift_positions=True)
+    ids = torch.tensor([[5, 9, 13]])
+    hidden = {}
+    model.transformer.drop.register_forward_hook(lambda m, i, o: hidden.setdefault("emb", o))
+    model(ids)
+    expected = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(3, 6))
+    torch.testing.assert_close(hidden["emb"], expected)
+
+
 def test_prefix_changes_outputs_and_positions_are_unchanged():
     model = with_prefix("gpt2")
     ids = torch.tensor([[5, 9, 13]])
