@@ -141,18 +141,7 @@ def load_adapter(
     folder, data, peer = locate(Path(path), name)
     head_wanted = bool(load_head and head_parameters(model))  # a bare model takes no head
     if peer is not None:
-        try:
-            config = peer.to_config(data, model)
-        except (KeyError, TypeError, ValueError) as e:
-            raise AdapterFileError(
-                f"{folder / CONFIG_FILE}: a {peer.NAME} config with a missing or malformed field ({e!r}); save it again"
-            ) from e
-        tensors, head, file = peer.read(folder, data, head_wanted)
-        peer_name = data.get("name") or "default"
-        name = name or peer_name
-        return _install(
-            model, name, config, file, head, activate, lambda: pick(tensors, peer.key_map(model, name, peer_name), file)
-        )
+        return _load_peer(model, folder, data, peer, name, head_wanted, activate)
     name = name or data["name"]
     tensors = read_tensors(folder / WEIGHTS_FILE)
     head = read_tensors(folder / HEAD_FILE) if head_wanted and data.get("head") else {}
@@ -160,6 +149,24 @@ def load_adapter(
     return _install(
         model, name, config_from_dict(data["config"]), folder / WEIGHTS_FILE, head, activate, lambda: tensors
     )
+
+
+def _load_peer(model, folder: Path, data: dict, peer: ModuleType, name: str | None, head: bool, activate: bool):
+    """Load a peft or AdapterHub folder (``head``: whether to load its head too)."""
+    try:
+        config = peer.to_config(data, model)
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterFileError(
+            f"{folder / CONFIG_FILE}: a {peer.NAME} config with a missing or malformed field ({e!r}); save it again"
+        ) from e
+    tensors, head_tensors, file = peer.read(folder, data, head)
+    peer_name = data.get("name") or "default"  # AdapterHub keys carry the name it was saved under
+    name = name or peer_name
+
+    def fill() -> dict[str, torch.Tensor]:  # the key map needs the adapter attached
+        return pick(tensors, peer.key_map(model, name, peer_name), file)
+
+    return _install(model, name, config, file, head_tensors, activate, fill)
 
 
 def _install(
