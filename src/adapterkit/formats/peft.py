@@ -143,7 +143,8 @@ def _task_type(model: nn.Module, config: AdapterConfig) -> str | None:
 
 
 def _method_fields(model: nn.Module, name: str, config: AdapterConfig) -> dict[str, Any]:
-    hosts = sorted({e.host for e in entries(model, name)})
+    found = list(entries(model, name))
+    hosts = sorted({e.host for e in found})
     conv1d = {type(model.get_submodule(_full(model, h))).__name__ == "Conv1D" for h in hosts}
     if isinstance(config, LoRAConfig):
         _refuse_gating(config)
@@ -164,7 +165,7 @@ def _method_fields(model: nn.Module, name: str, config: AdapterConfig) -> dict[s
             "init_lora_weights": True,
         }
     if isinstance(config, IA3Config):
-        ff = sorted({e.host for e in entries(model, name) if isinstance(e.module, IA3Input)})
+        ff = sorted({e.host for e in found if isinstance(e.module, IA3Input)})
         return {
             "peft_type": "IA3",
             "target_modules": exact_regex(hosts),
