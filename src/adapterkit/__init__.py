@@ -5,11 +5,13 @@
 >>> ak.train_adapter(model, "sentiment")
 """
 
-from . import formats
+from . import composition, formats
 from .arch import ARCHITECTURES, ArchSpec, register_architecture
+from .composition import Average, BatchSplit, Fuse, Parallel, PerRow, Split, Stack
 from .core import (
     Summary,
     active_adapters,
+    active_setup,
     add_adapter,
     bake_adapter,
     delete_adapter,
@@ -23,6 +25,15 @@ from .core import (
     use,
 )
 from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
+from .fusion import (
+    FusionConfig,
+    add_fusion,
+    delete_fusion,
+    fusion_regularization,
+    load_fusion,
+    save_fusion,
+    train_fusion,
+)
 from .io import inspect_adapter, load_adapter, save_adapter
 from .merging import merge_adapters
 from .methods import (
@@ -41,6 +52,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "Average",
+    "BatchSplit",
+    "Fuse",
+    "FusionConfig",
+    "Parallel",
+    "PerRow",
+    "Split",
+    "Stack",
+    "active_setup",
+    "add_fusion",
+    "composition",
+    "delete_fusion",
+    "fusion_regularization",
+    "load_fusion",
+    "save_fusion",
+    "train_fusion",
     "PRESETS",
     "AdapterConfig",
     "AdapterError",

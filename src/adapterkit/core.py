@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from . import composition as co
 from . import state as st
 from .arch import ArchSpec
 from .backbone import base_parameters, fingerprint, head_parameters
@@ -62,12 +63,18 @@ def add_adapter(
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` (unmerging it first if it was merged)."""
     state = _known(model, name)
+    users = [f for f, (fuse, _) in state.fusions.items() if name in fuse.children]
+    if users:
+        raise AdapterError(f"adapter {name!r} is fused in {users}; ak.delete_fusion(model, {users[0]!r}) first")
     if name in state.merged:
         unmerge_adapter(model, name)
     for host, _ in list(st.adapter_modules(model, name)):
         st.detach(host, name)
     del state.configs[name]
-    state.active = tuple(n for n in state.active if n != name)
+    if name in state.active.names():  # a plain stack loses the name; any other setup is switched off
+        kept = [n for n in state.active.children if n != name]
+        plain = isinstance(state.active, co.Stack) and all(isinstance(n, str) for n in kept)
+        state.active = co.Stack(*kept) if plain else co.Stack()
 
 
 def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -76,37 +83,60 @@ def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     return dict(state.configs) if state else {}
 
 
-def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
-    """Activate one adapter, several (applied in order at each site), or none (``None``)."""
-    st.get_state(model, create=True).active = _names(model, names)
+Setup = str | Sequence[str] | co.Block | None
 
 
-def _names(model: nn.Module, names: str | Sequence[str] | None) -> tuple[str, ...]:
-    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
-    for name in names:
+def set_active(model: nn.Module, setup: Setup) -> None:
+    """Activate one adapter, several (a list: stacked, applied in order at each site), a
+    composition block (``ak.Stack``, ``ak.Average``, ``ak.Fuse``, ``ak.PerRow``, ...) or none."""
+    st.get_state(model, create=True).active = _setup(model, setup)
+
+
+def _setup(model: nn.Module, setup: Setup) -> co.Block:
+    """``setup`` as a block, checked: known adapters and fusions, methods that fit their blocks."""
+    block = co.parse(setup)
+    state = st.get_state(model, create=True)
+    for name in block.names():
         _known(model, name)
-    return names
+    for fuse in co.walk(block):
+        if isinstance(fuse, co.Fuse) and fuse.name not in state.fusions:
+            raise AdapterError(f"no fusion layer {fuse.name!r}; ak.add_fusion(model, {fuse!r}) first")
+
+    def modules_of(name: str) -> Iterator[tuple[str, nn.Module]]:
+        for _, module in st.adapter_modules(model, name):
+            yield state.configs[name].method, module
+
+    if not isinstance(block, co.Stack) or not all(isinstance(c, str) for c in block.children):
+        co.check_support(block, modules_of)
+    return block
 
 
 @contextlib.contextmanager
-def use(model: nn.Module, names: str | Sequence[str] | None) -> Iterator[None]:
-    """Activate ``names`` inside the block for this thread / asyncio task only.
+def use(model: nn.Module, setup: Setup) -> Iterator[None]:
+    """Activate ``setup`` (as :func:`set_active` takes it) inside the block, for this thread /
+    asyncio task only.
 
     The setup lives in a ``ContextVar``: concurrent requests may each ``use`` another adapter on
     one shared model. ``model``'s own ``set_active`` setup is untouched.
     """
-    names = _names(model, names)
+    block = _setup(model, setup)
     state = st.get_state(model, create=True)
-    if state.merged - set(names):
+    if state.merged - set(block.names()):
         raise AdapterError(f"adapters {sorted(state.merged)} are merged into the weights; unmerge_adapter them first")
-    with state.override(names):
+    with state.override(block):
         yield
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    """The adapters that run in the current context."""
+    """The adapters that run in the current context (each once, in order)."""
     state = model.__dict__.get("_adapterkit_state")
-    return state.current() if state else ()
+    return tuple(state.current().names()) if state else ()
+
+
+def active_setup(model: nn.Module) -> co.Block:
+    """The composition block that runs in the current context."""
+    state = model.__dict__.get("_adapterkit_state")
+    return state.current() if state else co.Stack()
 
 
 @contextlib.contextmanager
@@ -115,19 +145,27 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     state = st.get_state(model, create=True)
     if state.merged:
         raise AdapterError(f"adapters {sorted(state.merged)} are merged into the weights; unmerge_adapter them first")
-    with state.override(()):
+    with state.override(co.Stack()):
         yield
 
 
-def train_adapter(model: nn.Module, name: str, train_head: bool = True) -> None:
-    """Freeze everything but adapter ``name`` (and the task head), and activate it."""
+def train_adapter(model: nn.Module, name: str | co.Stack, train_head: bool = True) -> None:
+    """Freeze everything but adapter ``name`` (and the task head), and activate it.
+
+    ``name`` may be a ``Stack``: the stack is activated and its top (last) adapter trains on the
+    frozen adapters below it.
+    """
+    setup = co.parse(name)
+    if not isinstance(setup, co.Stack) or not setup.children or not isinstance(setup.children[-1], str):
+        raise ConfigError(f"train_adapter takes an adapter name or a Stack ending in one, not {name!r}")
+    name = setup.children[-1]
     state = _known(model, name)
     if name in state.merged:
         raise AdapterError(f"adapter {name!r} is merged; unmerge_adapter(model, {name!r}) before training it")
     head = set(head_parameters(model)) if train_head else set()
     for param_name, p in model.named_parameters():
         p.requires_grad_(st.is_adapter_param(param_name, name) or param_name in head)
-    set_active(model, name)
+    set_active(model, setup)
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:
@@ -191,6 +229,7 @@ class Summary:
     total_params: int
     trainable_params: int
     adapters: list[AdapterRow]
+    setup: co.Block = dataclasses.field(default_factory=co.Stack)
 
     @property
     def trainable_percent(self) -> float:
@@ -203,6 +242,7 @@ class Summary:
                 f"{row.name:<16} {row.method:<11} {row.params:>12,} {row.percent_of_base:>9.3f}%"
                 f"  {'yes' if row.active else 'no':<6} {'yes' if row.merged else 'no'}"
             )
+        lines.append(f"active setup: {self.setup!r}")
         lines.append(f"base model params: {self.base_params:,}; head params: {self.head_params:,}")
         lines.append(
             f"total params: {self.total_params:,}; trainable: {self.trainable_params:,} "
@@ -212,15 +252,20 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Total, base, head and trainable parameter counts, and one row per adapter."""
+    """Total, base, head and trainable parameter counts, one row per adapter and per fusion, and
+    the active composition."""
     state = model.__dict__.get("_adapterkit_state") or st.State()
     base = sum(p.numel() for p in base_parameters(model).values())
     params = dict(model.named_parameters())
+    setup = state.current()
+    used = set(setup.names()) | {b.name for b in co.walk(setup) if isinstance(b, co.Fuse)}
+    methods = {**{n: c.method for n, c in state.configs.items()}, **{n: "fusion" for n in state.fusions}}
     rows = []
-    for name, config in state.configs.items():
+    for name, method in methods.items():
         n = sum(p.numel() for k, p in params.items() if st.is_adapter_param(k, name))
-        rows.append(AdapterRow(name, config.method, n, 100.0 * n / base, name in state.current(), name in state.merged))
+        rows.append(AdapterRow(name, method, n, 100.0 * n / base, name in used, name in state.merged))
     return Summary(
+        setup=setup,
         base_params=base,
         head_params=sum(p.numel() for p in head_parameters(model).values()),
         total_params=sum(p.numel() for p in params.values()),

@@ -18,35 +18,53 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import composition as co
 from .errors import AdapterError
 
 SLOT = "adapterkit"
-_OVERRIDE: ContextVar[dict[int, tuple[str, ...]] | None] = ContextVar("adapterkit_active", default=None)
+_OVERRIDE: ContextVar[dict[int, co.Block] | None] = ContextVar("adapterkit_active", default=None)
 
 
 @dataclasses.dataclass(eq=False)
 class State:
-    """Adapters of one model: configs, the active setup, merged adapters, the base fingerprint."""
+    """Adapters of one model: configs, fusions, the active setup, merged adapters, the base fingerprint."""
 
     configs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    active: tuple[str, ...] = ()
+    fusions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    active: co.Block = dataclasses.field(default_factory=co.Stack)
     merged: set[str] = dataclasses.field(default_factory=set)
     fingerprint: str | None = None
 
-    def current(self) -> tuple[str, ...]:
-        """The active adapters here and now (a ``ContextVar`` override wins)."""
+    def current(self) -> co.Block:
+        """The active setup here and now (a ``ContextVar`` override wins)."""
         overrides = _OVERRIDE.get()
         return self.active if overrides is None else overrides.get(id(self), self.active)
 
     @contextlib.contextmanager
-    def override(self, names: tuple[str, ...]) -> Iterator[None]:
-        token = _OVERRIDE.set({**(_OVERRIDE.get() or {}), id(self): names})
+    def override(self, setup: co.Block) -> Iterator[None]:
+        token = _OVERRIDE.set({**(_OVERRIDE.get() or {}), id(self): setup})
         try:
             yield
         finally:
             _OVERRIDE.reset(token)
+
+    def replicate(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Model pre-hook: repeat the batch once per ``Parallel`` branch (labels too)."""
+        copies = self.current().replicas()
+        if copies == 1:
+            return None
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim]
+        batch = tensors[0].shape[0]
+
+        def repeat(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch:
+                return v.repeat(copies, *[1] * (v.ndim - 1))
+            return v
+
+        return tuple(map(repeat, args)), {k: repeat(v) for k, v in kwargs.items()}
 
 
 class Slot(nn.ModuleDict):
@@ -61,23 +79,25 @@ class Slot(nn.ModuleDict):
         super().__init__()
         self.state = state
 
-    def _active(self) -> Iterator[nn.Module]:
-        for name in self.state.current():
-            adapter = self._modules.get(name)
-            if adapter is not None and name not in self.state.merged:
-                yield adapter
+    def adapter(self, name: str) -> nn.Module | None:
+        """Adapter ``name``'s module here, or None (absent, or merged into the weights)."""
+        module = self._modules.get(name)
+        return None if module is None or name in self.state.merged else module
+
+    def fusion(self, name: str) -> nn.Module | None:
+        """Fusion ``name``'s layer here (None where the fused adapters only capture inputs)."""
+        return self._modules.get(name)
+
+    def prefixes(self, key: torch.Tensor) -> list:
+        """The active setup's attention prefixes ``[(keys, values, visible rows or None)]``."""
+        return self.state.current().prefixes(self, key)
 
     def prehook(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for adapter in self._active():
-            if adapter.edits_inputs:
-                args, kwargs = adapter.adapt_inputs(host, args, kwargs)
-        return args, kwargs
+        return self.state.current().apply_inputs(self, host, args, kwargs)
 
     def hook(self, host: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-        for adapter in self._active():
-            out = adapter.adapt(host, x, out)
-        return out
+        return self.state.current().apply(self, host, x, out)
 
     def sync(self, host: nn.Module) -> None:
         """Hook the host only while some adapter here is unmerged: merged LoRA costs nothing."""
@@ -104,6 +124,7 @@ def get_state(model: nn.Module, create: bool = False) -> State:
         if not create:
             raise AdapterError(f"{type(model).__name__} has no adapters; call ak.add_adapter first")
         state = model.__dict__["_adapterkit_state"] = State()
+        model.register_forward_pre_hook(state.replicate, with_kwargs=True)
     return state
 
 
@@ -127,6 +148,21 @@ class Chain(nn.ModuleList):
         parts = [*first, second] if isinstance(first, Chain) else [first, second]
         super().__init__(parts)
         self.edits_inputs = any(part.edits_inputs for part in parts)
+        self.blocks = frozenset.intersection(*(part.blocks for part in parts))
+        if self.edits_inputs:  # inputs are edited per row only by the parts' own batched code
+            self.blocks -= {"rows", "rows_nested"}
+
+    def explain(self, kind: str) -> str:
+        for part in self:
+            if kind not in part.blocks:
+                return part.explain(kind)
+        return "a union whose parts edit the host's inputs (gates, prompts) runs per row only as separate adapters"
+
+    def row_key(self) -> Any:
+        return id(self)
+
+    adapt_rows = staticmethod(co.loop_rows)
+    kv_rows = staticmethod(co.loop_kv_rows)
 
     @property
     def mergeable(self) -> bool:
@@ -152,7 +188,7 @@ class Chain(nn.ModuleList):
             part.unmerge(host)
 
     def kv_prefix(self, key: Any) -> list:
-        return [kv for part in self for kv in getattr(part, "kv_prefix", lambda k: [])(key)]
+        return [kv for part in self for kv in part.kv_prefix(key)]
 
     def bake(self) -> None:
         for part in self:

@@ -19,14 +19,44 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec
+from ..composition import loop_kv_rows, loop_rows
 from ..errors import AdapterError, ConfigError
 from ..state import SLOT
 
 
 class AdapterModule(nn.Module):
-    """One adapter at one host module."""
+    """One adapter at one host module.
+
+    Composition (:mod:`adapterkit.composition`): ``blocks`` names the blocks it can run in
+    besides ``Stack``; adapters with equal ``row_key()`` at one host compute a ``PerRow`` batch
+    together in ``adapt_rows`` (the default runs each on its own rows).
+    """
 
     edits_inputs = False  # True: the slot also calls adapt_inputs before the host's forward
+    blocks: frozenset[str] = frozenset({"average", "split", "rows", "rows_nested"})
+    why_not = "this adapter's method does not support that block"
+    kv_rows = staticmethod(loop_kv_rows)
+
+    @staticmethod
+    def adapt_rows(host: nn.Module, x: Any, out: Any, modules: list[AdapterModule], index: torch.Tensor) -> Any:
+        """Row ``i`` through ``modules[index[i]]`` (the last index: unchanged). Default: each on its rows."""
+        if type(modules[0]).adapt is AdapterModule.adapt:  # edits inputs only
+            return out
+        return loop_rows(host, x, out, modules, index)
+
+    def explain(self, kind: str) -> str:
+        """Why this module cannot run inside blocks of ``kind``."""
+        if kind == "fuse":
+            return "AdapterFusion attends over bottleneck adapters' outputs; fuse bottleneck adapters"
+        return self.why_not
+
+    def row_key(self) -> Any:
+        """Adapters at one host with equal keys run a ``PerRow`` batch as one computation."""
+        return id(self)
+
+    def kv_prefix(self, key: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values this adapter prepends in attention (prefix tuning)."""
+        return []
 
     def adapt_inputs(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Return the host's call arguments changed (runs before its forward)."""

@@ -21,6 +21,7 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -107,7 +108,49 @@ class Bottleneck(nn.Module):
         return out.to(h.dtype)
 
 
-class SequentialAdapter(AdapterModule):
+def _plain(bottleneck: Bottleneck) -> bool:
+    return isinstance(bottleneck.adapter_down, nn.Linear) and bottleneck.gate is None
+
+
+def rows(bottlenecks: list[Bottleneck], h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, T, H) -> (B, T, H)``: row ``i`` through ``bottlenecks[index[i]]``, zero for the last index.
+
+    Plain bottlenecks of one activation run together: weights zero-padded to the widest, the
+    scaling folded into Up, gathered per row, two batched matmuls. Others run on their own rows.
+    """
+    first = bottlenecks[0]
+    h32 = h.to(first.adapter_up.bias.dtype)
+    if not all(map(_plain, bottlenecks)) or len({type(b.act) for b in bottlenecks}) > 1:
+        out = torch.zeros_like(h32)
+        for k, bottleneck in enumerate(bottlenecks):
+            mine = (index == k).nonzero().squeeze(1)
+            out = out.index_copy(0, mine, bottleneck(h32.index_select(0, mine)).to(out.dtype))
+        return out.to(h.dtype)
+    size = max(b.adapter_down.out_features for b in bottlenecks)
+    down_w = [F.pad(b.adapter_down.weight, (0, 0, 0, size - b.adapter_down.out_features)) for b in bottlenecks]
+    down_b = [F.pad(b.adapter_down.bias, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
+    up_w = [F.pad(b.adapter_up.weight * b.scaling, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
+    up_b = [b.adapter_up.bias * b.scaling for b in bottlenecks]
+    down_w, down_b, up_w, up_b = (
+        torch.stack(t + [torch.zeros_like(t[0])])[index] for t in (down_w, down_b, up_w, up_b)
+    )
+    flat = h32.reshape(h32.shape[0], -1, h32.shape[-1])  # (B, T, H)
+    mid = first.act(torch.baddbmm(down_b[:, None], flat, down_w.transpose(1, 2)))  # (B, T, size)
+    out = first.dropout(torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)))
+    return out.reshape(h.shape).to(h.dtype)
+
+
+class _Site(AdapterModule):
+    """A bottleneck adapter at one host; runs in every block, AdapterFusion included."""
+
+    blocks = AdapterModule.blocks | {"fuse"}
+
+    def row_key(self):
+        b = self.bottleneck
+        return (type(self), type(b.act), b.dropout.p, b.adapter_up.bias.dtype) if _plain(b) else id(self)
+
+
+class SequentialAdapter(_Site):
     """On a projection or a pre-LN block: ``out + A(out)``."""
 
     def __init__(self, bottleneck: Bottleneck) -> None:
@@ -117,8 +160,17 @@ class SequentialAdapter(AdapterModule):
     def adapt(self, host, x, out):
         return map_hidden(out, lambda h: h + self.bottleneck(h))
 
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[SequentialAdapter], index):
+        return map_hidden(out, lambda h: h + rows([m.bottleneck for m in modules], h, index))
 
-class NormAdapter(AdapterModule):
+    @staticmethod
+    def fuse(host, x, out, modules: list[SequentialAdapter], fusion):
+        """AdapterFusion with the adapters' input as the query and residual (AdapterHub's)."""
+        return map_hidden(out, lambda h: h + fusion(h, [m.bottleneck(h) for m in modules]))
+
+
+class NormAdapter(_Site):
     """On a post-LN LayerNorm with input ``z = s + x``: ``LN(A(LN(z)) + z)``."""
 
     def __init__(self, bottleneck: Bottleneck) -> None:
@@ -127,6 +179,17 @@ class NormAdapter(AdapterModule):
 
     def adapt(self, host, z, out):
         return host.forward(self.bottleneck(out) + z)  # .forward: no hooks, no recursion
+
+    @staticmethod
+    def adapt_rows(host, z, out, modules: list[NormAdapter], index):
+        new = host.forward(rows([m.bottleneck for m in modules], out, index) + z)
+        mine = (index < len(modules)).view(-1, *[1] * (out.ndim - 1))
+        return torch.where(mine, new, out)  # other rows keep what other groups made of them
+
+    @staticmethod
+    def fuse(host, z, out, modules: list[NormAdapter], fusion):
+        """``LN(Fusion(LN(z), [A_i(LN(z))]) + z)``: the query is the adapters' input (AdapterHub's)."""
+        return host.forward(fusion(out, [m.bottleneck(out) for m in modules]) + z)
 
 
 class _Box:
@@ -142,7 +205,7 @@ class _Box:
         return self.values.pop(threading.get_ident())
 
 
-class Capture(AdapterModule):
+class Capture(_Site):
     """Keeps its host's input for a :class:`ParallelAdapter` further down the sub-layer."""
 
     def __init__(self, box: _Box) -> None:
@@ -153,8 +216,21 @@ class Capture(AdapterModule):
         self.box.put(x)
         return out
 
+    def row_key(self):
+        return Capture
 
-class ParallelAdapter(AdapterModule):
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[Capture], index):
+        return Capture.fuse(host, x, out, modules, None)
+
+    @staticmethod
+    def fuse(host, x, out, modules: list[Capture], fusion):
+        for m in modules:  # the whole batch: the parallel adapters take their own rows
+            m.box.put(x)
+        return out
+
+
+class ParallelAdapter(_Site):
     """Beside a sub-layer: ``out + A(x)`` with ``x`` the sub-layer's input."""
 
     def __init__(self, bottleneck: Bottleneck, box: _Box | None = None) -> None:
@@ -165,6 +241,25 @@ class ParallelAdapter(AdapterModule):
     def adapt(self, host, x, out):
         source = x if self.box is None else self.box.take()
         return map_hidden(out, lambda s: s + self.bottleneck(source))
+
+    def row_key(self):
+        return (ParallelAdapter, self.box is None, *super().row_key()[1:]) if _plain(self.bottleneck) else id(self)
+
+    @staticmethod
+    def _source(x, modules: list[ParallelAdapter]):
+        sources = [x if m.box is None else m.box.take() for m in modules]
+        return sources[0]
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[ParallelAdapter], index):
+        source = ParallelAdapter._source(x, modules)
+        return map_hidden(out, lambda s: s + rows([m.bottleneck for m in modules], source, index))
+
+    @staticmethod
+    def fuse(host, x, out, modules: list[ParallelAdapter], fusion):
+        """The sub-layer's input is the fusion query (AdapterHub's)."""
+        source = ParallelAdapter._source(x, modules)
+        return map_hidden(out, lambda s: s + fusion(source, [m.bottleneck(source) for m in modules]))
 
 
 @dataclasses.dataclass

@@ -40,6 +40,14 @@ class IA3Output(AdapterModule):
     def adapt(self, host, x, out):
         return out * self.ia3_l.to(out.dtype)
 
+    def row_key(self):
+        return (IA3Output, self.ia3_l.shape[0])
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[IA3Output], index: torch.Tensor):
+        scale = _per_row(modules, index, out)
+        return out * scale
+
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
         _refuse_zeros(self.ia3_l)
@@ -63,8 +71,18 @@ class IA3Input(AdapterModule):
         super().__init__()
         self.ia3_l = nn.Parameter(torch.ones(features(host)[0], dtype=param_dtype(host), device=host.weight.device))
 
+    blocks = frozenset({"average", "split", "rows"})
+    why_not = "IA3 scales its host's input, which is sliced per row only for a direct PerRow entry"
+
     def adapt_inputs(self, host, args, kwargs):
         return replace_first(args, kwargs, lambda x: x * self.ia3_l.to(x.dtype))
+
+    def row_key(self):
+        return (IA3Input, self.ia3_l.shape[0])
+
+    @staticmethod
+    def adapt_inputs_rows(host, args, kwargs, modules: list[IA3Input], index: torch.Tensor):
+        return replace_first(args, kwargs, lambda x: x * _per_row(modules, index, x))
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
@@ -74,6 +92,12 @@ class IA3Input(AdapterModule):
     @torch.no_grad()
     def unmerge(self, host: nn.Module) -> None:
         _scale_weight(host, 1 / self.ia3_l, along_out=False)
+
+
+def _per_row(modules: list, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s vector (ones for no adapter), shaped to broadcast over ``like`` (B, ..., F)."""
+    table = torch.stack([m.ia3_l for m in modules] + [torch.ones_like(modules[0].ia3_l)])
+    return table[index].to(like.dtype).view(like.shape[0], *[1] * (like.ndim - 2), -1)
 
 
 def _refuse_zeros(vector: torch.Tensor) -> None:

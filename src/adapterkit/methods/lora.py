@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, features, spec_for
+from ..composition import loop_rows
 from ..errors import AdapterError, ConfigError
 from .base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 
@@ -74,6 +75,30 @@ class LoRA(_Additive):
         if self.gate is not None:  # UniPELT: a per-example gate, sigmoid averaged over the sequence
             delta = delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
         return out + delta.to(out.dtype)
+
+    def row_key(self):
+        if not self._batchable():
+            return id(self)
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return (LoRA, *self.lora_A.shape[1:], *self.lora_B.shape[:1], self.lora_A.dtype, p)
+
+    def _batchable(self) -> bool:
+        return type(self) is LoRA and self.gate is None
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[LoRA], index: torch.Tensor):
+        """Row ``i`` through adapter ``index[i]``: the adapters' A and s*B, zero-padded to one rank
+        (and a zero adapter for "none"), gathered per row: two batched matmuls in all."""
+        if not modules[0]._batchable():  # DoRA, gated: each on its own rows
+            return loop_rows(host, x, out, modules, index)
+        rank = max(m.lora_A.shape[0] for m in modules)
+        a = [F.pad(m.lora_A, (0, 0, 0, rank - m.lora_A.shape[0])) for m in modules]
+        b = [F.pad(m.lora_B * m.scaling, (0, rank - m.lora_B.shape[1])) for m in modules]
+        a, b = torch.stack(a + [torch.zeros_like(a[0])]), torch.stack(b + [torch.zeros_like(b[0])])
+        x = modules[0].dropout(x.to(a.dtype))
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        delta = torch.bmm(torch.bmm(rows, a[index].transpose(1, 2)), b[index].transpose(1, 2))  # (B, T, out)
+        return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
         """``s B A``, shape (out, in)."""

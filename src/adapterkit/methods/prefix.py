@@ -82,6 +82,12 @@ class Prefix(AdapterModule):
     ``mean_t sigmoid(Linear(h_t))`` (B, 2) that scale the prefix, as AdapterHub.
     """
 
+    blocks = frozenset({"rows"})
+    why_not = (
+        "a prefix adds attention keys, not an output that can be averaged, split along the sequence "
+        "or sliced by a nested block; use Stack, or PerRow/BatchSplit/Parallel of adapter names"
+    )
+
     def __init__(self, generator: PrefixGenerator, index: int, kv_heads: int, hidden: int, gating: bool) -> None:
         super().__init__()
         share(self, "generator", generator, owner=index == 0)
@@ -89,6 +95,26 @@ class Prefix(AdapterModule):
         self.gate = nn.Linear(hidden, 2, dtype=generator.dtype) if gating else None
         self.edits_inputs = gating
         self.gates: dict[int, torch.Tensor] = {}  # per thread, set before each attention call
+        if gating:
+            self.blocks = frozenset()
+            self.why_not = "a gated prefix (UniPELT) sets its gates from the whole batch; use it alone or in a Stack"
+
+    def row_key(self):
+        return (Prefix, self.kv_heads)
+
+    @staticmethod
+    def kv_rows(modules: list[Prefix], index: torch.Tensor, key: torch.Tensor) -> list:
+        """All adapters' prefixes at once: row ``i`` gets adapter ``index[i]``'s, padded to the
+        longest and masked beyond its own length (the last index: no prefix)."""
+        layers = [m.generator.layer(m.index).to(key.dtype) for m in modules]  # (P_k, 2 * kv) each
+        length = max(t.shape[0] for t in layers)
+        table = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in layers + [layers[0][:0]]])
+        sizes = torch.tensor([t.shape[0] for t in layers] + [0], device=key.device)
+        visible = torch.arange(length, device=key.device)[None] < sizes[:, None]  # (K + 1, P)
+        rows = table[index]  # (B, P, 2 * kv)
+        heads = modules[0].kv_heads
+        keys, values = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in rows.chunk(2, dim=-1))
+        return [(keys, values, visible[index])]
 
     def adapt_inputs(self, host, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
@@ -116,12 +142,18 @@ class PositionShift(AdapterModule):
     """On the backbone: real tokens at positions ``P + past + i``, as if the prefix sat in the cache."""
 
     edits_inputs = True
+    blocks = Prefix.blocks
+    why_not = Prefix.why_not
 
     def __init__(self, length: int) -> None:
         super().__init__()
         self.length = length
 
     def adapt_inputs(self, host, args, kwargs):
+        return self.shift(host, args, kwargs, self.length)
+
+    @staticmethod
+    def shift(host, args, kwargs, length: int | torch.Tensor):
         bound = call_arguments(host, args, kwargs)
         positions = bound.get("position_ids")
         if positions is None:
@@ -130,27 +162,47 @@ class PositionShift(AdapterModule):
             cache = bound.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
-        bound["position_ids"] = positions + self.length
+        bound["position_ids"] = positions + length
         return (), bound
 
+    def row_key(self):
+        return PositionShift
 
-def _prefixes(module: nn.Module, key: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @staticmethod
+    def adapt_inputs_rows(host, args, kwargs, modules: list[PositionShift], index: torch.Tensor):
+        lengths = torch.tensor([m.length for m in modules] + [0], device=index.device)[index]
+        return PositionShift.shift(host, args, kwargs, lengths[:, None])
+
+
+def _prefixes(module: nn.Module, key: torch.Tensor) -> list:
     slot = module._modules.get(SLOT)
-    if slot is None:
-        return []
-    return [kv for adapter in slot._active() for kv in getattr(adapter, "kv_prefix", lambda k: [])(key)]
+    return [] if slot is None else slot.prefixes(key)
 
 
-def _extend_mask(module: nn.Module, mask, query: torch.Tensor, key: torch.Tensor, length: int):
-    """The mask with ``length`` visible columns in front; an explicit causal mask if it was None."""
+def _extend_mask(module: nn.Module, mask, query: torch.Tensor, key: torch.Tensor, prefixes: list):
+    """The mask with the prefix columns in front: visible to all rows, or per row (``PerRow``).
+
+    None stays None when every column is visible and the model is not causal."""
+    visible = [
+        v if v is not None else torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device) for k, _, v in prefixes
+    ]
+    rows = max(v.shape[0] for v in visible)
+    visible = torch.cat([v.expand(rows, -1) for v in visible], dim=1)  # (B or 1, P)
     if mask is None:
-        if not getattr(module, "is_causal", False):
+        causal = getattr(module, "is_causal", False)
+        if not causal and rows == 1:
             return None
         q, k = query.shape[2], key.shape[2]
-        mask = torch.ones(q, k, dtype=torch.bool, device=key.device).tril(k - q)[None, None]
-    visible = torch.ones if mask.dtype == torch.bool else torch.zeros
-    front = visible(*mask.shape[:-1], length, dtype=mask.dtype, device=mask.device)
-    return torch.cat([front, mask], dim=-1)
+        mask = torch.ones(q, k, dtype=torch.bool, device=key.device)
+        mask = (mask.tril(k - q) if causal else mask)[None, None]
+    front = visible[:, None, None, :]
+    if mask.dtype != torch.bool:
+        front = torch.zeros(front.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~front, torch.finfo(mask.dtype).min
+        )
+    batch = max(mask.shape[0], front.shape[0])
+    front = front.expand(batch, mask.shape[1], mask.shape[2], -1)
+    return torch.cat([front.to(mask.device), mask.expand(batch, -1, -1, -1)], dim=-1)
 
 
 def prefix_attention(module, query, key, value, attention_mask, *args, base: str, **kwargs):
@@ -161,10 +213,9 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
         attend = sys.modules[type(module).__module__].eager_attention_forward
     prefixes = _prefixes(module, key)
     if prefixes:
-        length = sum(k.shape[2] for k, _ in prefixes)
-        attention_mask = _extend_mask(module, attention_mask, query, key, length)
-        key = torch.cat([*(k for k, _ in prefixes), key], dim=2)
-        value = torch.cat([*(v for _, v in prefixes), value], dim=2)
+        attention_mask = _extend_mask(module, attention_mask, query, key, prefixes)
+        key = torch.cat([*(k for k, _, _ in prefixes), key], dim=2)
+        value = torch.cat([*(v for _, v, _ in prefixes), value], dim=2)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)
 
 

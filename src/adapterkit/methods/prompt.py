@@ -18,13 +18,16 @@ sampled from the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, spec_for
 from ..backbone import base_prefix
+from ..errors import ConfigError
 from .base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 
 
@@ -41,8 +44,30 @@ class _Flag:
         return self.values.get(threading.get_ident(), True)
 
 
-class PromptCall(AdapterModule):
-    """On the backbone: extend the mask (and positions) for the P prompt positions."""
+_WHY = "a prompt changes the sequence length; use Stack, or PerRow/BatchSplit/Parallel of adapter names"
+
+
+class _PromptPart(AdapterModule):
+    blocks = frozenset({"rows"})
+    why_not = _WHY
+
+    def row_key(self):
+        return type(self)
+
+
+def _lengths(modules: list, index: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The longest prompt, and each row's prompt length (0: none)."""
+    sizes = [m.prompt.shape[0] if hasattr(m, "prompt") else m.prompt_embedding.shape[0] for m in modules]
+    return max(sizes), torch.tensor(sizes + [0], device=index.device)[index]
+
+
+class PromptCall(_PromptPart):
+    """On the backbone: extend the mask (and positions) for the P prompt positions.
+
+    ``PerRow``: every row gets P = the longest prompt's positions; a row's own prompt sits in
+    the last of them and the rest are masked out (and positioned as if absent), so each row
+    computes what it computes alone.
+    """
 
     edits_inputs = True
 
@@ -66,8 +91,41 @@ class PromptCall(AdapterModule):
             bound["position_ids"] = torch.cat([front, positions + length], 1) if insert else positions + length
         return (), bound
 
+    @staticmethod
+    def adapt_inputs_rows(host, args, kwargs, modules: list[PromptCall], index: torch.Tensor):
+        bound = call_arguments(host, args, kwargs)
+        cache = bound.get("cache", bound.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        insert = past == 0
+        for m in modules:
+            m.flag.set(insert)
+        tokens = next((bound[k] for k in ("input_ids", "inputs_embeds") if bound.get(k) is not None), None)
+        if tokens is None or "attention_mask" not in inspect.signature(type(host).forward).parameters:
+            raise ConfigError(
+                f"{type(host).__name__} takes no tokens and attention_mask, so one row's prompt cannot be hidden "
+                "from another; run rows with different prompts in separate batches"
+            )
+        length, mine = _lengths(modules, index)
+        mask = bound.get("attention_mask")
+        batch, new = tokens.shape[:2]
+        front = torch.arange(length, device=index.device)[None] >= (length - mine)[:, None]  # (B, P)
+        if mask is None:
+            mask = torch.ones(batch, past - (0 if insert else length) + new, dtype=torch.long, device=index.device)
+        bound["attention_mask"] = torch.cat([front.to(mask.dtype), mask], dim=1)
+        if modules[0].shift_positions:
+            positions = bound.get("position_ids")
+            if positions is None:
+                start = 0 if insert else past - length
+                positions = torch.arange(start, start + new, device=index.device)[None]
+            positions = positions + mine[:, None]
+            if insert:
+                own = (torch.arange(length, device=index.device)[None] - (length - mine)[:, None]).clamp(min=0)
+                positions = torch.cat([own, positions], dim=1)
+            bound["position_ids"] = positions
+        return (), bound
 
-class PromptInsert(AdapterModule):
+
+class PromptInsert(_PromptPart):
     """On the embedding module: ``(B, T, H) -> (B, P + T, H)`` with ``prompt_embedding`` (P, H)."""
 
     def __init__(self, prompt: nn.Parameter, flag: _Flag) -> None:
@@ -81,8 +139,17 @@ class PromptInsert(AdapterModule):
         prompt = self.prompt_embedding.to(out.dtype).expand(out.shape[0], -1, -1)
         return torch.cat([prompt, out], dim=1)
 
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[PromptInsert], index: torch.Tensor):
+        if not modules[0].flag.get():
+            return out
+        length, _ = _lengths(modules, index)
+        prompts = [m.prompt_embedding for m in modules]
+        table = torch.stack([F.pad(p, (0, 0, length - p.shape[0], 0)) for p in prompts + [prompts[0][:0]]])
+        return torch.cat([table[index].to(out.dtype), out], dim=1)  # (B, P + T, H), prompts right-aligned
 
-class PromptStrip(AdapterModule):
+
+class PromptStrip(_PromptPart):
     """On the last module of the stack: drop the P prompt positions again."""
 
     def __init__(self, prompt: nn.Parameter, flag: _Flag) -> None:
@@ -93,7 +160,16 @@ class PromptStrip(AdapterModule):
     def adapt(self, host, x, out):
         if not self.flag.get():
             return out
-        length = self.prompt.shape[0]
+        return self.strip(out, self.prompt.shape[0])
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[PromptStrip], index: torch.Tensor):
+        if not modules[0].flag.get():
+            return out
+        return PromptStrip.strip(out, _lengths(modules, index)[0])
+
+    @staticmethod
+    def strip(out, length: int):
         if isinstance(out, torch.Tensor):
             return out[:, length:]
         out["last_hidden_state"] = out["last_hidden_state"][:, length:]
