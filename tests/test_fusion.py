@@ -87,6 +87,7 @@ def test_save_and_load_fusion_bit_exact(tmp_path):
     assert {p.name for p in (tmp_path / "fusion").iterdir()} == {
         "adapter_fusion_config.json",
         "model_adapter_fusion.safetensors",
+        "head.safetensors",  # the head trained with the fusion
     }
     x = make_inputs("bert")
     ak.set_active(model, ak.Fuse("a", "b", "c"))
@@ -97,7 +98,8 @@ def test_save_and_load_fusion_bit_exact(tmp_path):
     with pytest.raises(AdapterFileError, match="lacks; ak.load_adapter them first"):
         ak.load_fusion(fresh, tmp_path / "fusion")
     for name in "abc":
-        ak.load_adapter(fresh, tmp_path / name)
+        ak.load_adapter(fresh, tmp_path / name, load_head=False)
+    torch.nn.init.normal_(fresh.classifier.weight)  # the fusion folder's head must replace it
     assert ak.load_fusion(fresh, tmp_path / "fusion", activate=True) == "a,b,c"
     with torch.no_grad():
         assert torch.equal(fresh(**x).logits, want)

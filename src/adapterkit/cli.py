@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: ``demo``, ``info``, ``inspect`` and ``convert``."""
+"""``adapterkit`` command line: ``demo``, ``multitask``, ``info``, ``inspect``, ``convert``, ``predict``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import AdapterError
 
@@ -14,6 +15,84 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from . import demo
 
     demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
+
+
+def cmd_multitask(args: argparse.Namespace) -> None:
+    from . import multitask
+
+    multitask.main(quick=args.quick, output=args.output, threads=args.threads)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Load adapters and fusions into a classifier, activate a composition, classify texts."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from . import core, fusion
+    from .composition import parse_expression, walk
+    from .io import inspect_adapter, load_adapter
+
+    folders = [_named(value) for value in args.adapter]
+    heads = [info["head"] for info in map(inspect_adapter, [path for _, path in folders]) if info["head"]]
+    model, tokenizer = _classifier(args.model, _num_labels(heads[-1]) if heads else None)
+    names = [load_adapter(model, path, name) for name, path in folders]
+    fusions = [fusion.load_fusion(model, path) for path in args.fusion]
+    if args.setup:
+        setup = parse_expression(args.setup)
+    else:  # the last fusion loaded, else the last adapter
+        setup = core.st.get_state(model).fusions[fusions[-1]][0] if fusions else names[-1]
+    core.set_active(model, setup)
+    if args.list:
+        print(core.summary(model))
+        return
+    texts = list(args.text) + (_read_texts(args.input) if args.input else [])
+    if not texts:
+        raise AdapterError("nothing to classify: pass --text TEXT (repeatable) or --input FILE")
+    whole = any(b.kind in ("per_row", "batch_split") for b in walk(core.active_setup(model)))
+    size = len(texts) if whole else 64  # a per-row setup names every row of one batch
+    labels = model.config.id2label
+    for start in range(0, len(texts), size):
+        chunk = texts[start : start + size]
+        scores = _scores(model, tokenizer, chunk)
+        for text, row in zip(chunk, scores.tolist(), strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            print(json.dumps({"text": text, "label": labels.get(best, best), "scores": [round(v, 5) for v in row]}))
+
+
+def _named(value: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` or ``PATH``."""
+    name, sep, path = value.partition("=")
+    return (name, path) if sep and "/" not in name else (None, value)
+
+
+def _classifier(model_dir: str, num_labels: int | None):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _read_texts(path: str) -> list[str]:
+    """One text per line; a ``.jsonl`` file's lines are objects with a ``text`` field."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterError(f"{path}, line {number}: expected a JSON object with a 'text' field ({e!r})") from e
+    return texts
+
+
+def _scores(model, tokenizer, texts: list[str]):
+    import torch
+
+    inputs = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits.softmax(-1)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -98,6 +177,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, help="torch threads (default: 2)")
     d.add_argument("--methods", default="core", help="core (default), all, more, or presets: pfeiffer,ia3,...")
     d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("multitask", help="5 tasks on one model: no forgetting, fusion, merging, storage")
+    m.add_argument("--quick", action="store_true", help="small subsets: about 3 minutes on 2 cores")
+    m.add_argument("--output", help="also write the report (Markdown) to this file")
+    m.add_argument("--threads", type=int, help="torch threads (default: 2)")
+    m.set_defaults(func=cmd_multitask)
+    r = sub.add_parser("predict", help="classify texts with loaded adapters and an active composition")
+    r.add_argument("--model", required=True, help="the local base model folder")
+    r.add_argument("--adapter", action="append", default=[], required=True, help="[NAME=]PATH, repeatable")
+    r.add_argument("--fusion", action="append", default=[], help="a save_fusion folder, repeatable")
+    r.add_argument("--setup", help="e.g. 'movie', 'a, b' (stack), 'Fuse(a, b)', 'Average(a, b, weights=[1, 3])'")
+    r.add_argument("--text", action="append", default=[], help="a text to classify, repeatable")
+    r.add_argument("--input", help="a file of texts: one per line, or .jsonl objects with 'text'")
+    r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
+    r.set_defaults(func=cmd_predict)
     i = sub.add_parser("info", help="show a model's architecture, injection points and parameter count")
     i.add_argument("model_dir", help="a local model folder (from save_pretrained)")
     i.set_defaults(func=cmd_info)

@@ -169,8 +169,9 @@ def fusion_regularization(model: nn.Module) -> torch.Tensor:
     return loss
 
 
-def save_fusion(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
-    """Write fusion ``name``'s layers and config to folder ``path`` (the adapters are saved apart)."""
+def save_fusion(model: nn.Module, name: str, path: str | os.PathLike, *, with_head: bool = True) -> Path:
+    """Write fusion ``name``'s layers and config (and the task head, trained with it) to folder
+    ``path``; the fused adapters are saved apart (:func:`adapterkit.save_adapter`)."""
     state = st.get_state(model, create=True)
     if name not in state.fusions:
         raise AdapterError(f"no fusion named {name!r} (fusions: {', '.join(state.fusions) or 'none'})")
@@ -181,15 +182,21 @@ def save_fusion(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
         "adapter_names": list(fuse.children),
         "config": dataclasses.asdict(config),
         "fingerprint": state.fingerprint,
+        "head": sorted(head_parameters(model)) if with_head else [],
     }
-    return io._write_atomically(Path(path), {CONFIG_FILE: data}, {WEIGHTS_FILE: io.adapter_state_dict(model, name)})
+    files = {WEIGHTS_FILE: io.adapter_state_dict(model, name)}
+    if data["head"]:
+        files[io.HEAD_FILE] = {k: p.detach() for k, p in head_parameters(model).items()}
+    return io._write_atomically(Path(path), {CONFIG_FILE: data}, files)
 
 
-def load_fusion(model: nn.Module, path: str | os.PathLike, activate: bool = False) -> str:
-    """Load a fusion saved by :func:`save_fusion`; its adapters must be loaded first."""
+def load_fusion(model: nn.Module, path: str | os.PathLike, *, load_head: bool = True, activate: bool = False) -> str:
+    """Load a fusion saved by :func:`save_fusion` (and its head); its adapters must be loaded first."""
     folder = Path(path)
     data = read_json(folder / CONFIG_FILE)
     tensors = read_tensors(folder / WEIGHTS_FILE)
+    head = read_tensors(folder / io.HEAD_FILE) if load_head and data.get("head") and head_parameters(model) else {}
+    io._check_head(model, head, folder / io.HEAD_FILE)
     try:
         fuse = Fuse(*data["adapter_names"], name=data["name"])
         config = FusionConfig(**data["config"])
@@ -204,6 +211,8 @@ def load_fusion(model: nn.Module, path: str | os.PathLike, activate: bool = Fals
     except AdapterFileError:
         delete_fusion(model, name)
         raise
+    params = head_parameters(model)
+    io._copy_into({k: params[k] for k in head}, head, folder / io.HEAD_FILE)
     if activate:
         core.set_active(model, fuse)
     return name

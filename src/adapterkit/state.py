@@ -135,6 +135,7 @@ def attach(host: nn.Module, name: str, adapter: nn.Module, state: State) -> None
     if slot is None:
         slot = Slot(state)
         host.add_module(SLOT, slot)
+    adapter.train(host.training)  # a model in eval mode gets its new modules in eval mode (dropout)
     if name in slot:
         adapter = Chain(slot[name], adapter)
     slot[name] = adapter
