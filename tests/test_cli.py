@@ -15,7 +15,7 @@ from conftest import make_inputs, make_model, randomize_adapters
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "adapterkit", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("demo", "info", "inspect", "convert"):
+    for command in ("demo", "multitask", "info", "inspect", "convert", "predict"):
         assert command in out.stdout
 
 

@@ -267,3 +267,12 @@ def test_summary_shows_the_composition():
     rows = {r.name: r for r in ak.summary(model).adapters}
     assert rows["a,b"].method == "fusion" and rows["a,b"].active and rows["a"].active
     assert rows["a,b"].params == 2 * (3 * 32 * 32 + 2 * 32)  # two layers: Q, K with bias, V without
+
+
+def test_merged_adapters_refuse_compositions():
+    model = two_adapters("bert", "lora")
+    ak.merge_adapter(model, "a")
+    with pytest.raises(AdapterError, match="merged into the weights, so they act on every row"):
+        ak.set_active(model, ak.PerRow(ROWS))
+    ak.unmerge_adapter(model, "a")
+    ak.set_active(model, ak.PerRow(ROWS))

@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="core", help="core (default), all, more, or presets: pfeiffer,ia3,...")
     d.set_defaults(func=cmd_demo)
     m = sub.add_parser("multitask", help="5 tasks on one model: no forgetting, fusion, merging, storage")
-    m.add_argument("--quick", action="store_true", help="small subsets: about 3 minutes on 2 cores")
+    m.add_argument("--quick", action="store_true", help="small subsets: about 6 minutes on 2 cores")
     m.add_argument("--output", help="also write the report (Markdown) to this file")
     m.add_argument("--threads", type=int, help="torch threads (default: 2)")
     m.set_defaults(func=cmd_multitask)

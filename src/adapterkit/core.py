@@ -55,6 +55,7 @@ def add_adapter(
     for path, module in placements:
         st.attach(model.get_submodule(path), name, module, state)
     state.configs[name] = config
+    state.checked.clear()
     if activate:
         set_active(model, name)
     return config
@@ -71,6 +72,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for host, _ in list(st.adapter_modules(model, name)):
         st.detach(host, name)
     del state.configs[name]
+    state.checked.clear()
     if name in state.active.names():  # a plain stack loses the name; any other setup is switched off
         kept = [n for n in state.active.children if n != name]
         plain = isinstance(state.active, co.Stack) and all(isinstance(n, str) for n in kept)
@@ -96,6 +98,8 @@ def _setup(model: nn.Module, setup: Setup) -> co.Block:
     """``setup`` as a block, checked: known adapters and fusions, methods that fit their blocks."""
     block = co.parse(setup)
     state = st.get_state(model, create=True)
+    if block in state.checked:  # a server's use() per request checks a setup once
+        return block
     for name in block.names():
         _known(model, name)
     for fuse in co.walk(block):
@@ -107,7 +111,13 @@ def _setup(model: nn.Module, setup: Setup) -> co.Block:
             yield state.configs[name].method, module
 
     if not isinstance(block, co.Stack) or not all(isinstance(c, str) for c in block.children):
+        if state.merged:
+            raise AdapterError(
+                f"adapters {sorted(state.merged)} are merged into the weights, so they act on every row and branch; "
+                f"unmerge_adapter them before activating {type(block).__name__}"
+            )
         co.check_support(block, modules_of)
+    state.checked.add(block)
     return block
 
 
@@ -184,6 +194,7 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     for host, module in sites:
         module.merge(host)
     state.merged.add(name)
+    state.checked.clear()
     st.sync_all(model)
 
 
@@ -195,6 +206,7 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
     for host, module in st.adapter_modules(model, name):
         module.unmerge(host)
     state.merged.discard(name)
+    state.checked.clear()
     st.sync_all(model)
 
 

@@ -128,6 +128,7 @@ def add_fusion(model: nn.Module, fuse: Fuse | Sequence[str], config: str | Fusio
             layer = FusionLayer(bias.shape[0], config, dropout, bias.dtype).to(bias.device)
             st.attach(host, fuse.name, layer, state)
     state.fusions[fuse.name] = (fuse, config)
+    state.checked.clear()
     return fuse.name
 
 
@@ -139,6 +140,7 @@ def delete_fusion(model: nn.Module, name: str) -> None:
     for host, _ in list(st.adapter_modules(model, name)):
         st.detach(host, name)
     del state.fusions[name]
+    state.checked.clear()
     if any(isinstance(b, Fuse) and b.name == name for b in walk(state.active)):
         state.active = parse(None)
 

@@ -35,6 +35,7 @@ from .data import CORPORA, read_corpus, sentiment_splits
 SHORT = dict(zip(CORPORA, ("movie", "amazon", "tweets", "nyt"), strict=True))
 TASKS = ("movie", "amazon", "tweets", "nyt", "source")
 TARGET = "nyt"  # the fusion's target task
+ADAPTER_LR, FUSION_LR, FULL_LR = 3e-3, 1e-3, 5e-5
 
 
 @dataclasses.dataclass
@@ -105,7 +106,8 @@ class Heads:
     """One classifier per task, swapped in and out of one model."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model, self.init, self.saved = model, self._get(), {}
+        self.model = model
+        self.init, self.saved = self._get(), {}
 
     def _get(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.classifier.state_dict().items()}
@@ -123,10 +125,11 @@ class Heads:
 def sequential_adapters(model: nn.Module, tasks: dict, sizes: Sizes, log) -> tuple[dict, dict, Heads]:
     heads, right_after = Heads(model), {}
     for task in TASKS:
+        torch.manual_seed(0)  # one shared init, so that merged parameters average task updates
         core.add_adapter(model, task, "pfeiffer")
         core.train_adapter(model, task)
         heads.fresh()
-        train(model, tasks[task]["train"], 1e-3, sizes, task)
+        train(model, tasks[task]["train"], ADAPTER_LR, sizes, task)
         heads.keep(task)
         right_after[task] = accuracy(model, tasks[task]["test"], task)
         log(f"  adapter {task:<7} test acc {100 * right_after[task]:.1f}")
@@ -138,14 +141,19 @@ def sequential_adapters(model: nn.Module, tasks: dict, sizes: Sizes, log) -> tup
     return right_after, after_all, heads
 
 
-def sequential_full(tasks: dict, sizes: Sizes, log) -> tuple[dict, dict]:
-    model = demo.load_model()
+def four_way(model: nn.Module) -> nn.Module:
+    """MiniLM's classifier with 4 outputs: every task's head fits it."""
     model.config.num_labels = 4
     model.classifier = nn.Linear(model.config.hidden_size, 4)
+    return model
+
+
+def sequential_full(tasks: dict, sizes: Sizes, log) -> tuple[dict, dict]:
+    model = four_way(demo.load_model())
     heads, right_after = Heads(model), {}
     for task in TASKS:
         heads.fresh()
-        train(model, tasks[task]["train"], 5e-5, sizes, task)
+        train(model, tasks[task]["train"], FULL_LR, sizes, task)
         heads.keep(task)
         right_after[task] = accuracy(model, tasks[task]["test"], task)
         log(f"  full FT {task:<7} test acc {100 * right_after[task]:.1f}")
@@ -162,7 +170,7 @@ def fused(model: nn.Module, heads: Heads, tasks: dict, sizes: Sizes) -> float:
     fusion.add_fusion(model, setup)
     fusion.train_fusion(model, setup)
     heads.fresh()
-    train(model, tasks[TARGET]["train"], 5e-4, sizes, TARGET, extra=lambda: fusion.fusion_regularization(model))
+    train(model, tasks[TARGET]["train"], FUSION_LR, sizes, TARGET, extra=lambda: fusion.fusion_regularization(model))
     return accuracy(model, tasks[TARGET]["test"], TARGET)
 
 
@@ -243,12 +251,10 @@ def main(quick: bool = False, output: str | None = None, threads: int | None = N
 
     logging.set_verbosity_error()
     torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
-    sizes = Sizes(train=400, test=200, epochs=2) if quick else Sizes(train=2000, test=600, epochs=2)
+    sizes = Sizes(train=600, test=300, epochs=3) if quick else Sizes(train=2000, test=600, epochs=2)
     tasks = load_tasks(sizes)
     log = lambda text: print(text, flush=True)  # noqa: E731
-    model = demo.load_model()
-    model.config.num_labels = 4
-    model.classifier = nn.Linear(model.config.hidden_size, 4)
+    model = four_way(demo.load_model())
     results: dict[str, Any] = {}
     results["a_after"], results["a_all"], heads = sequential_adapters(model, tasks, sizes, log)
     results["f_after"], results["f_all"] = sequential_full(tasks, sizes, log)

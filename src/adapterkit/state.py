@@ -37,6 +37,7 @@ class State:
     active: co.Block = dataclasses.field(default_factory=co.Stack)
     merged: set[str] = dataclasses.field(default_factory=set)
     fingerprint: str | None = None
+    checked: set[co.Block] = dataclasses.field(default_factory=set)  # setups found valid; cleared on change
 
     def current(self) -> co.Block:
         """The active setup here and now (a ``ContextVar`` override wins)."""
