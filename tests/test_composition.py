@@ -51,6 +51,16 @@ def test_per_row_equals_each_row_with_its_adapter(arch, preset):
     torch.testing.assert_close(per_row, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch,preset", [(a, p) for a in ("bert", "gpt2", "llama") for p in PRESETS if p != "unipelt"])
+def test_per_row_gives_every_adapter_parameter_a_gradient(arch, preset):
+    model, x = two_adapters(arch, preset), inputs(arch)
+    ak.set_active(model, ak.PerRow(ROWS))
+    first_output(model(**x)).pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        if ".adapterkit." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("config", [dict(config="prompt"), dict(config="prefix", shift_positions=True)])
 def test_per_row_prompts_and_shifted_prefixes_of_different_lengths(arch, config):
