@@ -122,23 +122,36 @@ class Heads:
         self.model.classifier.load_state_dict(self.saved[task])
 
 
-def sequential_adapters(model: nn.Module, tasks: dict, sizes: Sizes, log) -> tuple[dict, dict, Heads]:
+def sequential(model: nn.Module, tasks: dict, sizes: Sizes, log, label: str, lr: float, start, select):
+    """Train the tasks in order (``start(task)`` first), then test each again (``select(task)``).
+
+    Returns each task's test accuracy right after its training and after all of them, and the heads.
+    """
     heads, right_after = Heads(model), {}
     for task in TASKS:
-        torch.manual_seed(0)  # one shared init, so that merged parameters average task updates
-        core.add_adapter(model, task, "pfeiffer")
-        core.train_adapter(model, task)
+        start(task)
         heads.fresh()
-        train(model, tasks[task]["train"], ADAPTER_LR, sizes, task)
+        train(model, tasks[task]["train"], lr, sizes, task)
         heads.keep(task)
         right_after[task] = accuracy(model, tasks[task]["test"], task)
-        log(f"  adapter {task:<7} test acc {100 * right_after[task]:.1f}")
+        log(f"  {label} {task:<7} test acc {100 * right_after[task]:.1f}")
     after_all = {}
     for task in TASKS:
-        core.set_active(model, task)
+        select(task)
         heads.use(task)
         after_all[task] = accuracy(model, tasks[task]["test"], task)
     return right_after, after_all, heads
+
+
+def sequential_adapters(model: nn.Module, tasks: dict, sizes: Sizes, log) -> tuple[dict, dict, Heads]:
+    """One Pfeiffer adapter (and head) per task on the frozen model."""
+
+    def start(task: str) -> None:
+        torch.manual_seed(0)  # one shared init, so that merged parameters average task updates
+        core.add_adapter(model, task, "pfeiffer")
+        core.train_adapter(model, task)
+
+    return sequential(model, tasks, sizes, log, "adapter", ADAPTER_LR, start, lambda task: core.set_active(model, task))
 
 
 def four_way(model: nn.Module) -> nn.Module:
@@ -149,18 +162,9 @@ def four_way(model: nn.Module) -> nn.Module:
 
 
 def sequential_full(tasks: dict, sizes: Sizes, log) -> tuple[dict, dict]:
+    """Every weight trains on each task in turn; a head per task, the backbone shared."""
     model = four_way(demo.load_model())
-    heads, right_after = Heads(model), {}
-    for task in TASKS:
-        heads.fresh()
-        train(model, tasks[task]["train"], FULL_LR, sizes, task)
-        heads.keep(task)
-        right_after[task] = accuracy(model, tasks[task]["test"], task)
-        log(f"  full FT {task:<7} test acc {100 * right_after[task]:.1f}")
-    after_all = {}
-    for task in TASKS:
-        heads.use(task)
-        after_all[task] = accuracy(model, tasks[task]["test"], task)
+    right_after, after_all, _ = sequential(model, tasks, sizes, log, "full FT", FULL_LR, lambda t: None, lambda t: None)
     return right_after, after_all
 
 
