@@ -8,6 +8,40 @@ T.logging.set_verbosity_error()
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=100)
 DECODER = dict(SMALL, num_key_value_heads=2)
+SPEECH = dict(
+    SMALL,
+    vocab_size=20,
+    conv_dim=(8, 8),
+    conv_stride=(4, 4),
+    conv_kernel=(8, 8),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    classifier_proj_size=8,
+    layerdrop=0.0,  # no random layer skipping or SpecAugment masking when the tests train
+    mask_time_prob=0.0,
+)
+WHISPER = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=37,
+    decoder_ffn_dim=37,
+    num_mel_bins=8,
+    max_source_positions=16,
+    vocab_size=60,
+    classifier_proj_size=8,
+)
+
+
+def whisper_encoder(config):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return WhisperEncoder(config)
+
+
+SPEECH_ARCHS = ("wav2vec2", "wav2vec2-stable", "hubert", "wavlm", "data2vec-audio", "whisper")
 
 # model_type -> (config class, kwargs, bare model class, model class with a head)
 ARCHS = {
@@ -36,6 +70,22 @@ ARCHS = {
     "mistral": (T.MistralConfig, DECODER, T.MistralModel, T.MistralForCausalLM),
     "qwen2": (T.Qwen2Config, DECODER, T.Qwen2Model, T.Qwen2ForCausalLM),
     "vit": (T.ViTConfig, dict(SMALL, image_size=8, patch_size=4), T.ViTModel, T.ViTForImageClassification),
+    "wav2vec2": (T.Wav2Vec2Config, SPEECH, T.Wav2Vec2Model, T.Wav2Vec2ForSequenceClassification),
+    "wav2vec2-stable": (
+        T.Wav2Vec2Config,
+        dict(SPEECH, do_stable_layer_norm=True, feat_extract_norm="layer"),
+        T.Wav2Vec2Model,
+        T.Wav2Vec2ForSequenceClassification,
+    ),
+    "hubert": (T.HubertConfig, SPEECH, T.HubertModel, T.HubertForSequenceClassification),
+    "wavlm": (T.WavLMConfig, SPEECH, T.WavLMModel, T.WavLMForSequenceClassification),
+    "data2vec-audio": (
+        T.Data2VecAudioConfig,
+        dict(SPEECH, num_conv_pos_embeddings=5),
+        T.Data2VecAudioModel,
+        T.Data2VecAudioForSequenceClassification,
+    ),
+    "whisper": (T.WhisperConfig, WHISPER, whisper_encoder, T.WhisperForAudioClassification),
 }
 
 
@@ -50,6 +100,13 @@ def make_inputs(arch: str, batch: int = 2, seq: int = 6, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     if arch == "vit":
         return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=g)}
+    if arch == "whisper":
+        return {"input_features": torch.randn(batch, 8, 32, generator=g)}
+    if arch in SPEECH_ARCHS:  # 400 samples: 23 frames after the two strided convolutions
+        return {
+            "input_values": torch.randn(batch, 400, generator=g),
+            "attention_mask": torch.ones(batch, 400, dtype=torch.long),
+        }
     ids = torch.randint(2, 100, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

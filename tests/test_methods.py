@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.backbone import base_prefix
 
-from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
+from conftest import ARCHS, SPEECH_ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
 PRESETS = [
     "pfeiffer",
@@ -22,7 +23,8 @@ PRESETS = [
     "mam",
     "unipelt",
 ]
-CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS]
+UNSUPPORTED = {(arch, "prompt") for arch in SPEECH_ARCHS}  # no token sequence: refused (test below)
+CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS if (arch, preset) not in UNSUPPORTED]
 
 
 @pytest.mark.parametrize("arch,preset", CASES)
@@ -113,9 +115,16 @@ def test_bare_model_and_head_model_share_adapter_files(arch, tmp_path):
     ak.add_adapter(with_head, "a", "houlsby", activate=True)
     randomize_adapters(with_head)
     ak.save_adapter(with_head, "a", tmp_path / "a")
+    backbone = with_head.get_submodule(base_prefix(with_head)[:-1])  # .bert, .encoder (Whisper), ...
     bare = make_model(arch, head=False)
-    bare.load_state_dict(with_head.base_model.state_dict(), strict=False)
+    bare.load_state_dict(backbone.state_dict(), strict=False)
     ak.load_adapter(bare, tmp_path / "a", activate=True)
     inputs = make_inputs(arch)
-    hidden_with_head = with_head.base_model(**inputs).last_hidden_state
+    hidden_with_head = backbone(**inputs).last_hidden_state
     torch.testing.assert_close(bare(**inputs).last_hidden_state, hidden_with_head, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", SPEECH_ARCHS)
+def test_prompt_tuning_is_refused_on_speech_models(arch):
+    with pytest.raises(ak.ConfigError, match="prompt tuning prepends vectors to a token sequence"):
+        ak.add_adapter(make_model(arch), "p", "prompt")

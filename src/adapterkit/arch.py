@@ -40,9 +40,12 @@ class ArchSpec:
     # Prompt tuning, paths relative to the backbone: the prompt is prepended to the output of
     # prompt_after and removed from the output of prompt_strip; prompt_before_positions says
     # that prompt_after runs before positions are assigned (decoders: the token embedding).
-    prompt_after: str = "embeddings"
+    prompt_after: str | None = "embeddings"  # None: no token sequence to prepend to (speech)
     prompt_strip: str = "encoder"
     prompt_before_positions: bool = False
+    # The attention passes its projections' weights to F.multi_head_attention_forward (WavLM):
+    # adapterkit routes them through the modules (adapterkit.mha).
+    functional_attention: bool = False
 
     @property
     def post_ln(self) -> bool:
@@ -76,6 +79,23 @@ _LLAMA = ArchSpec(
     prompt_strip="norm",
     prompt_before_positions=True,
 )
+
+# Speech encoders: wav2vec 2.0's layer is post-LN; "stable layer norm" checkpoints (large models)
+# use the same module names in a pre-LN layer, so they get their own row (model_type + "-stable").
+_WAV2VEC2 = ArchSpec(
+    layers=r"encoder\.layers\.\d+",
+    attn_in="attention",
+    attn_out="attention.out_proj",
+    ffn_in="feed_forward",
+    ffn_out="feed_forward.output_dense",
+    attn_norm="layer_norm",
+    ffn_norm="final_layer_norm",
+    lora_targets=("q_proj", "v_proj"),
+    kv=("attention.k_proj", "attention.v_proj"),
+    ffn_hidden="feed_forward.intermediate_dense",
+    prompt_after=None,
+)
+_WAV2VEC2_STABLE = dataclasses.replace(_WAV2VEC2, attn_norm=None, ffn_norm=None)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
@@ -126,6 +146,26 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ffn_hidden="mlp.fc1",
         prompt_strip="layernorm",
     ),
+    "wav2vec2": _WAV2VEC2,
+    "wav2vec2-stable": _WAV2VEC2_STABLE,
+    "hubert": _WAV2VEC2,
+    "hubert-stable": _WAV2VEC2_STABLE,
+    "data2vec-audio": _WAV2VEC2,
+    "wavlm": dataclasses.replace(_WAV2VEC2, functional_attention=True),
+    "wavlm-stable": dataclasses.replace(_WAV2VEC2_STABLE, functional_attention=True),
+    "whisper": ArchSpec(  # the encoder's layers (a WhisperModel's decoder layers are left out)
+        layers=r"(?<!decoder\.)layers\.\d+",
+        attn_in="self_attn",
+        attn_out="self_attn.out_proj",
+        ffn_in="fc1",
+        ffn_out="fc2",
+        attn_norm=None,
+        ffn_norm=None,
+        lora_targets=("q_proj", "v_proj"),
+        kv=("self_attn.k_proj", "self_attn.v_proj"),
+        ffn_hidden="fc1",
+        prompt_after=None,
+    ),
 }
 
 
@@ -144,6 +184,9 @@ def spec_for(model: nn.Module, override: ArchSpec | None = None) -> ArchSpec:
     if override is not None:
         return override
     kind = model_type(model)
+    stable = getattr(getattr(model, "config", None), "do_stable_layer_norm", False)
+    if stable and f"{kind}-stable" in ARCHITECTURES:
+        return ARCHITECTURES[f"{kind}-stable"]
     if kind not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ArchitectureError(

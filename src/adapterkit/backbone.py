@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .state import is_adapter_param
 
@@ -17,12 +18,12 @@ def base_prefix(model: nn.Module) -> str:
     a bare model and back.
     """
     base = getattr(model, "base_model", model)
-    if base is model:
-        return ""
     for name, child in model.named_children():
         if child is base:
             return name + "."
-    return ""
+    # A head model whose backbone attribute is not base_model_prefix (WhisperForAudioClassification.encoder)
+    backbones = [name for name, child in model.named_children() if isinstance(child, PreTrainedModel)]
+    return backbones[0] + "." if base is model and len(backbones) == 1 else ""
 
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -14,10 +14,11 @@ from typing import Any
 from torch import nn
 
 from . import composition as co
+from . import mha
 from . import state as st
-from .arch import ArchSpec
+from .arch import ArchSpec, find_layers, spec_for
 from .backbone import base_parameters, fingerprint, head_parameters
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, ArchitectureError, ConfigError
 from .methods import AdapterConfig, resolve_config
 
 
@@ -52,6 +53,7 @@ def add_adapter(
     if state.fingerprint is None:
         state.fingerprint = fingerprint(model)  # before any merge can change the weights
     placements = config.build(model, arch)
+    _route_functional_attention(model, arch)
     for path, module in placements:
         st.attach(model.get_submodule(path), name, module, state)
     state.configs[name] = config
@@ -59,6 +61,17 @@ def add_adapter(
     if activate:
         set_active(model, name)
     return config
+
+
+def _route_functional_attention(model: nn.Module, arch: ArchSpec | None) -> None:
+    """WavLM-like attention: make its projections run as modules, so adapters on them act."""
+    try:
+        spec = spec_for(model, arch)
+    except ArchitectureError:  # LoRA with target_modules on an architecture outside the table
+        return
+    if spec.functional_attention:
+        for _, layer in find_layers(model, spec):
+            mha.install(layer.get_submodule(spec.attn_in))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

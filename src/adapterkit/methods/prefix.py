@@ -269,7 +269,8 @@ class PrefixConfig(AdapterConfig):
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
-        use_prefix_attention(model)
+        if not spec.functional_attention:  # there adapterkit.mha prepends the prefixes
+            use_prefix_attention(model)
         layers = [path for path, _ in find_layers(model, spec)]
         hidden, kv_heads, head_dim = attention_shape(model)
         dtype = param_dtype(model.get_submodule(f"{layers[0]}.{spec.attn_out}"))

@@ -204,6 +204,11 @@ class PromptConfig(AdapterConfig):
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
+        check(
+            spec.prompt_after is not None,
+            f"prompt tuning prepends vectors to a token sequence, which {type(model).__name__} does not have; "
+            "for speech models use prefix tuning",
+        )
         prefix = base_prefix(model)
         after = model.get_submodule(prefix + spec.prompt_after)
         prompt = nn.Parameter(self._init(model, after))
