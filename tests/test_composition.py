@@ -14,6 +14,7 @@ from adapterkit.methods import bottleneck, ia3, lora, prefix, prompt
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
 ROWS = ["a", None, "b", "a"]
+WHOLE_BATCH = ("unipelt", "l_adapter", "el")  # refused in PerRow (test below)
 
 
 def two_adapters(arch, preset, head=False, **overrides):
@@ -38,7 +39,7 @@ def run(model, setup, x):
 
 
 @pytest.mark.parametrize(
-    "arch,preset", [(a, p) for a in ARCHS for p in PRESETS if p != "unipelt" and (a, p) not in UNSUPPORTED]
+    "arch,preset", [(a, p) for a in ARCHS for p in PRESETS if p not in WHOLE_BATCH and (a, p) not in UNSUPPORTED]
 )
 def test_per_row_equals_each_row_with_its_adapter(arch, preset):
     model, x = two_adapters(arch, preset), inputs(arch)
@@ -53,7 +54,9 @@ def test_per_row_equals_each_row_with_its_adapter(arch, preset):
     torch.testing.assert_close(per_row, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch,preset", [(a, p) for a in ("bert", "gpt2", "llama") for p in PRESETS if p != "unipelt"])
+@pytest.mark.parametrize(
+    "arch,preset", [(a, p) for a in ("bert", "gpt2", "llama") for p in PRESETS if p not in WHOLE_BATCH]
+)
 def test_per_row_gives_every_adapter_parameter_a_gradient(arch, preset):
     model, x = two_adapters(arch, preset), inputs(arch)
     ak.set_active(model, ak.PerRow(ROWS))
@@ -78,9 +81,12 @@ def test_per_row_prompts_and_shifted_prefixes_of_different_lengths(arch, config)
     torch.testing.assert_close(per_row, torch.stack([alone[n][i] for i, n in enumerate(ROWS)]), atol=1e-5, rtol=1e-5)
 
 
-def test_unipelt_gates_refuse_per_row():
-    model = two_adapters("bert", "unipelt")
-    with pytest.raises(ConfigError, match="'a' \\(union\\) cannot run in PerRow.*gated"):
+@pytest.mark.parametrize(
+    "preset,reason", [("unipelt", "gated"), ("l_adapter", "weighted sum over its layers"), ("el", "weighted sum")]
+)
+def test_whole_batch_methods_refuse_per_row(preset, reason):
+    model = two_adapters("bert", preset)
+    with pytest.raises(ConfigError, match=f"'a' \\([a-z_]+\\) cannot run in PerRow.*{reason}"):
         ak.set_active(model, ak.PerRow(ROWS))
 
 

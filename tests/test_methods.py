@@ -22,6 +22,9 @@ PRESETS = [
     "prompt",
     "mam",
     "unipelt",
+    "e_adapter",
+    "l_adapter",
+    "el",
 ]
 UNSUPPORTED = {(arch, "prompt") for arch in SPEECH_ARCHS}  # no token sequence: refused (test below)
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS if (arch, preset) not in UNSUPPORTED]

@@ -73,3 +73,97 @@ def test_speech_classifier_trains_an_adapter():
     grads = [p.grad for n, p in model.named_parameters() if ".adapterkit." in n]
     assert grads and all(g is not None for g in grads)
     assert first_output(out).shape == (2, 2)
+
+
+def branch(module, h):
+    """LN(Up(ReLU(Down(h)))) written out."""
+    down, up, norm = module.down, module.up, module.norm
+    return torch.nn.functional.layer_norm(up(torch.relu(down(h))), norm.normalized_shape, norm.weight, norm.bias)
+
+
+def test_e_adapter_formula_layers_and_init():
+    model = make_model("wav2vec2", head=False)
+    ak.add_adapter(model, "e", "e_adapter", bottleneck_size=6, layers=[-1], activate=True)
+    names = [n for n, _ in model.named_parameters() if ".adapterkit." in n]
+    assert names and all(n.startswith("encoder.layers.1.feed_forward.output_dense.") for n in names)
+    site = model.encoder.layers[1].feed_forward.output_dense
+    e = site.adapterkit["e"]
+    assert e.branch.down.weight.std() < 3e-3 and e.branch.down.bias.abs().sum() == 0
+    randomize_adapters(model)
+    h = torch.randn(2, 5, 37)  # the feed-forward's hidden size
+    with torch.no_grad():
+        f = site.forward(h)
+        torch.testing.assert_close(site(h), f + branch(e.branch, f))
+
+
+def test_e_adapter_tunes_its_own_copies_of_the_layer_norms(tmp_path):
+    model = make_model("wav2vec2")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "layer_norm" in n}
+    ak.add_adapter(model, "e", "e_adapter", train_layer_norms=True)
+    x = make_inputs("wav2vec2")
+    with torch.no_grad():
+        before = first_output(model(**x))
+        ak.set_active(model, ak.Stack())  # the copies start equal to the model's norms
+    ak.train_adapter(model, "e")
+    with torch.no_grad():
+        torch.testing.assert_close(first_output(model(**x)), before)
+    tuned = [n for n, _ in model.named_parameters() if ".adapterkit.e." in n and n.endswith((".weight", ".bias"))]
+    assert sum("layer_norm.adapterkit" in n for n in tuned) == 2 * 2 * 2  # 2 layers x 2 norms x (weight, bias)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**x, labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name  # the base model's norms never move
+    ak.save_adapter(model, "e", tmp_path / "e")
+    other = make_model("wav2vec2")
+    ak.load_adapter(other, tmp_path / "e", activate=True)
+    with torch.no_grad():
+        assert torch.equal(first_output(other(**x)), first_output(model(**x)))
+
+
+@pytest.mark.parametrize("arch", ["wav2vec2", "wav2vec2-stable", "wavlm", "whisper"])
+def test_l_adapter_returns_the_softmax_weighted_sum_of_layer_branches(arch):
+    model = make_model(arch, head=False)
+    ak.add_adapter(model, "l", "l_adapter", bottleneck_size=8, activate=True)
+    randomize_adapters(model)
+    x = make_inputs(arch)
+    with torch.no_grad():
+        got = model(**x).last_hidden_state
+        layers = layer_outputs(model, x)  # the encoder's own layers are unchanged by the L-adapter
+    modules = [m for n, m in model.named_modules() if n.endswith("adapterkit.l")]
+    taps = [m for m in modules if hasattr(m, "branch")]
+    weights = torch.softmax(next(m for m in modules if hasattr(m, "layer_weights")).layer_weights, 0)
+    with torch.no_grad():
+        want = sum(w * (h + branch(t.branch, h)) for w, t, h in zip(weights, taps, layers, strict=True))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def layer_outputs(model, x):
+    """Each encoder layer's output, captured by hooks, with the adapters off."""
+    seen = []
+    layers = model.layers if hasattr(model, "layers") else model.encoder.layers
+
+    def keep(module, args, out):
+        seen.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layer.register_forward_hook(keep) for layer in layers]
+    with ak.disable_adapters(model):
+        model(**x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_el_on_a_classifier_changes_logits_and_trains():
+    model = make_model("wavlm")
+    ak.add_adapter(model, "el", "el")
+    ak.train_adapter(model, "el")
+    x = make_inputs("wavlm")
+    out = model(**x, labels=torch.tensor([1, 0]))
+    out.loss.backward()
+    with torch.no_grad(), ak.disable_adapters(model):
+        base = model(**x).logits
+    assert not torch.allclose(out.logits, base)
+    params = [p for n, p in model.named_parameters() if ".adapterkit." in n]
+    assert all(p.grad is not None for p in params)

@@ -41,7 +41,7 @@ class ArchSpec:
     # prompt_after and removed from the output of prompt_strip; prompt_before_positions says
     # that prompt_after runs before positions are assigned (decoders: the token embedding).
     prompt_after: str | None = "embeddings"  # None: no token sequence to prepend to (speech)
-    prompt_strip: str = "encoder"
+    prompt_strip: str = "encoder"  # also the module whose output the L-adapter replaces
     prompt_before_positions: bool = False
     # The attention passes its projections' weights to F.multi_head_attention_forward (WavLM):
     # adapterkit routes them through the modules (adapterkit.mha).
@@ -165,6 +165,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         kv=("self_attn.k_proj", "self_attn.v_proj"),
         ffn_hidden="fc1",
         prompt_after=None,
+        prompt_strip="",  # the encoder's output is the backbone's own
     ),
 }
 

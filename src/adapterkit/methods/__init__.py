@@ -11,14 +11,26 @@ from typing import Any
 from ..errors import ConfigError
 from .base import AdapterConfig, AdapterModule
 from .bottleneck import BottleneckConfig
+from .e_adapter import EAdapterConfig
 from .ia3 import IA3Config
+from .l_adapter import LAdapterConfig
 from .lora import LoRAConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig
 from .union import UnionConfig, union
 
 METHODS: dict[str, type[AdapterConfig]] = {
-    cls.method: cls for cls in (BottleneckConfig, LoRAConfig, IA3Config, PrefixConfig, PromptConfig, UnionConfig)
+    cls.method: cls
+    for cls in (
+        BottleneckConfig,
+        LoRAConfig,
+        IA3Config,
+        PrefixConfig,
+        PromptConfig,
+        UnionConfig,
+        EAdapterConfig,
+        LAdapterConfig,
+    )
 }
 
 _PFEIFFER = BottleneckConfig()
@@ -43,6 +55,9 @@ PRESETS: dict[str, AdapterConfig] = {
     "prefix_tuning": PrefixConfig(),
     "prompt": PromptConfig(),
     "prompt_tuning": PromptConfig(),
+    "e_adapter": EAdapterConfig(),
+    "l_adapter": LAdapterConfig(),
+    "el": UnionConfig([EAdapterConfig(), LAdapterConfig()]),
     "mam": UnionConfig([PrefixConfig(bottleneck_size=800), _PARALLEL]),
     "unipelt": UnionConfig(
         [
@@ -80,6 +95,8 @@ __all__ = [
     "AdapterConfig",
     "AdapterModule",
     "BottleneckConfig",
+    "EAdapterConfig",
+    "LAdapterConfig",
     "IA3Config",
     "LoRAConfig",
     "PrefixConfig",
