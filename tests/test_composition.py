@@ -14,7 +14,7 @@ from adapterkit.methods import bottleneck, ia3, lora, prefix, prompt
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
 ROWS = ["a", None, "b", "a"]
-WHOLE_BATCH = ("unipelt", "l_adapter", "el")  # refused in PerRow (test below)
+WHOLE_BATCH = ("unipelt", "l_adapter", "el", "p_adapter", "elp")  # refused in PerRow (test below)
 
 
 def two_adapters(arch, preset, head=False, **overrides):
@@ -82,10 +82,16 @@ def test_per_row_prompts_and_shifted_prefixes_of_different_lengths(arch, config)
 
 
 @pytest.mark.parametrize(
-    "preset,reason", [("unipelt", "gated"), ("l_adapter", "weighted sum over its layers"), ("el", "weighted sum")]
+    "arch,preset,reason",
+    [
+        ("bert", "unipelt", "gated"),
+        ("bert", "l_adapter", "weighted sum over its layers"),
+        ("wavlm", "el", "weighted sum"),
+        ("wavlm", "p_adapter", "lengthen every row"),
+    ],
 )
-def test_whole_batch_methods_refuse_per_row(preset, reason):
-    model = two_adapters("bert", preset)
+def test_whole_batch_methods_refuse_per_row(arch, preset, reason):
+    model = two_adapters(arch, preset)
     with pytest.raises(ConfigError, match=f"'a' \\([a-z_]+\\) cannot run in PerRow.*{reason}"):
         ak.set_active(model, ak.PerRow(ROWS))
 

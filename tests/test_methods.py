@@ -25,8 +25,18 @@ PRESETS = [
     "e_adapter",
     "l_adapter",
     "el",
+    "p_adapter",
+    "elp",
 ]
-UNSUPPORTED = {(arch, "prompt") for arch in SPEECH_ARCHS}  # no token sequence: refused (test below)
+# Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
+REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}
+REFUSED |= {
+    (arch, preset): "no variable-length convolutional features"
+    for arch in ARCHS
+    for preset in ("p_adapter", "elp")
+    if arch not in SPEECH_ARCHS or arch == "whisper"
+}
+UNSUPPORTED = set(REFUSED)
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS if (arch, preset) not in UNSUPPORTED]
 
 
@@ -127,7 +137,7 @@ def test_bare_model_and_head_model_share_adapter_files(arch, tmp_path):
     torch.testing.assert_close(bare(**inputs).last_hidden_state, hidden_with_head, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("arch", SPEECH_ARCHS)
-def test_prompt_tuning_is_refused_on_speech_models(arch):
-    with pytest.raises(ak.ConfigError, match="prompt tuning prepends vectors to a token sequence"):
-        ak.add_adapter(make_model(arch), "p", "prompt")
+@pytest.mark.parametrize("arch,preset", sorted(REFUSED))
+def test_methods_refused_where_they_make_no_sense(arch, preset):
+    with pytest.raises(ak.ConfigError, match=REFUSED[(arch, preset)]):
+        ak.add_adapter(make_model(arch), "p", preset)

@@ -167,3 +167,47 @@ def test_el_on_a_classifier_changes_logits_and_trains():
     assert not torch.allclose(out.logits, base)
     params = [p for n, p in model.named_parameters() if ".adapterkit." in n]
     assert all(p.grad is not None for p in params)
+
+
+def test_p_adapter_prepends_frames_and_keeps_padded_rows_exact():
+    """Pseudo-frames in front; a zero-padded row equals the same audio alone on its P + valid frames.
+
+    ``wav2vec2-stable`` has a per-frame (layer-norm) feature extractor, so padding does not leak
+    into the real frames' features (group norm would, with or without adapters).
+    """
+    model = make_model("wav2vec2-stable", head=False)
+    ak.add_adapter(model, "p", "p_adapter", prefix_length=3, activate=True)
+    randomize_adapters(model)
+    audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(3))
+    audio[1, 200:] = 0
+    mask = torch.ones(2, 400, dtype=torch.long)
+    mask[1, 200:] = 0
+    with torch.no_grad():
+        batch = model(input_values=audio, attention_mask=mask).last_hidden_state
+        alone = model(input_values=audio[1:, :200]).last_hidden_state
+        with ak.disable_adapters(model):
+            base = model(input_values=audio[:1]).last_hidden_state
+    assert batch.shape[1] == base.shape[1] + 3 == 23 + 3
+    valid = alone.shape[1]
+    assert valid == 3 + 11
+    torch.testing.assert_close(batch[1, :valid], alone[0], atol=1e-5, rtol=1e-5)
+    frames = model._get_feat_extract_output_lengths(torch.tensor([400, 200]))
+    with ak.disable_adapters(model):
+        assert (model._get_feat_extract_output_lengths(torch.tensor([400, 200])) == frames - 3).all()
+
+
+def test_p_adapter_counts_pseudo_frames_in_a_ctc_loss():
+    import transformers as T
+
+    from conftest import SPEECH
+
+    model = T.Wav2Vec2ForCTC(T.Wav2Vec2Config(**SPEECH)).eval()
+    ak.add_adapter(model, "p", "p_adapter", prefix_length=4)
+    ak.train_adapter(model, "p")
+    x = make_inputs("wav2vec2")
+    labels = torch.tensor([[3, 4, 5], [6, 7, -100]])
+    out = model(**x, labels=labels)
+    assert out.logits.shape[1] == 23 + 4 and torch.isfinite(out.loss)
+    assert model._get_feat_extract_output_lengths(torch.tensor(400)) == 23 + 4
+    out.loss.backward()
+    assert model.wav2vec2.feature_extractor.adapterkit["p"].pseudo_features.grad.abs().sum() > 0

@@ -46,6 +46,8 @@ class ArchSpec:
     # The attention passes its projections' weights to F.multi_head_attention_forward (WavLM):
     # adapterkit routes them through the modules (adapterkit.mha).
     functional_attention: bool = False
+    # Speech: the convolutional feature extractor, relative to the backbone (the P-adapter's host).
+    features: str | None = None
 
     @property
     def post_ln(self) -> bool:
@@ -94,6 +96,7 @@ _WAV2VEC2 = ArchSpec(
     kv=("attention.k_proj", "attention.v_proj"),
     ffn_hidden="feed_forward.intermediate_dense",
     prompt_after=None,
+    features="feature_extractor",
 )
 _WAV2VEC2_STABLE = dataclasses.replace(_WAV2VEC2, attn_norm=None, ffn_norm=None)
 

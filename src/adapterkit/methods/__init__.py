@@ -15,6 +15,7 @@ from .e_adapter import EAdapterConfig
 from .ia3 import IA3Config
 from .l_adapter import LAdapterConfig
 from .lora import LoRAConfig
+from .p_adapter import PAdapterConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig
 from .union import UnionConfig, union
@@ -30,6 +31,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         UnionConfig,
         EAdapterConfig,
         LAdapterConfig,
+        PAdapterConfig,
     )
 }
 
@@ -57,7 +59,9 @@ PRESETS: dict[str, AdapterConfig] = {
     "prompt_tuning": PromptConfig(),
     "e_adapter": EAdapterConfig(),
     "l_adapter": LAdapterConfig(),
+    "p_adapter": PAdapterConfig(),
     "el": UnionConfig([EAdapterConfig(), LAdapterConfig()]),
+    "elp": UnionConfig([EAdapterConfig(), LAdapterConfig(), PAdapterConfig()]),
     "mam": UnionConfig([PrefixConfig(bottleneck_size=800), _PARALLEL]),
     "unipelt": UnionConfig(
         [
@@ -97,6 +101,7 @@ __all__ = [
     "BottleneckConfig",
     "EAdapterConfig",
     "LAdapterConfig",
+    "PAdapterConfig",
     "IA3Config",
     "LoRAConfig",
     "PrefixConfig",
