@@ -1,0 +1,53 @@
+"""Synthesised speech data: held-out speakers, determinism, noise level, cache, trials, clear errors."""
+
+import numpy as np
+import pytest
+
+from adapterkit.errors import AdapterError
+from adapterkit.speech import data
+
+
+def test_held_out_speakers_are_disjoint():
+    split = data.speakers(seed=0)
+    assert len(split["train"]) == 54 and len(split["test"]) == 18
+    assert not {s.name for s in split["train"]} & {s.name for s in split["test"]}
+    assert data.speakers(seed=1)["test"] != split["test"]
+
+
+def test_synthesis_is_deterministic_and_noise_has_the_asked_snr():
+    speaker = data.speakers()["train"][0]
+    a = data.synthesise("open the door", speaker, snr_db=20.0, seed=7)
+    b = data.synthesise("open the door", speaker, snr_db=20.0, seed=7)
+    assert np.array_equal(a, b) and a.dtype == np.float32 and 0.5 < a.size / 16000 < 3
+    clean = data.synthesise("open the door", speaker, snr_db=200.0, seed=7)
+    noise = a - clean
+    snr = 10 * np.log10(np.mean(clean**2) / np.mean(noise**2))
+    assert snr == pytest.approx(20.0, abs=0.5)
+    excited = data.synthesise("open the door", speaker, style="excited", seed=7)
+    assert excited.size < a.size  # a faster rate: a shorter utterance
+
+
+def test_load_caches_whole_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path))
+    audio, labels = data.load("intent", "test", limit=6)
+    assert len(audio) == 6 and set(labels) <= set(data.INTENTS)
+    files = list((tmp_path / "speech").glob("*.npz"))
+    assert len(files) == 1 and not list((tmp_path / "speech").glob("*.tmp*"))
+    again, labels_again = data.load("intent", "test", limit=6)
+    assert labels_again == labels and all(np.array_equal(x, y) for x, y in zip(audio, again, strict=True))
+    with pytest.raises(AdapterError, match="unknown speech task"):
+        data.load("music", "train")
+
+
+def test_trials_pair_same_and_other_speakers():
+    labels = ["a", "a", "b", "b", "c"]
+    labels[4] = "a"
+    trials = data.trials(labels, per_utterance=4)
+    assert len(trials) == 5 * 4 and sum(same for *_, same in trials) == 10
+    assert all((labels[i] == labels[j]) == same and i != j for i, j, same in trials)
+
+
+def test_missing_tools_are_named(monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda tool: None if tool == "sox" else "/usr/bin/" + tool)
+    with pytest.raises(AdapterError, match="sox not found.*apt-get install espeak-ng sox"):
+        data.check_tools()
