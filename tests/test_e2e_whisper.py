@@ -77,3 +77,21 @@ def test_converted_folder_loads_offline(whisper, tmp_path, monkeypatch):
             loaded(features, decoder_input_ids=ids).logits, whisper(features, decoder_input_ids=ids).logits
         )
     assert AutoTokenizer.from_pretrained(tmp_path / "whisper").decode([50256]) == "<|endoftext|>"
+
+
+def test_short_window_encoder_trains_adapters(whisper):
+    import adapterkit as ak
+
+    encoder = ct2whisper.load_encoder(seconds=2)
+    assert encoder.config.max_source_positions == 100
+    assert torch.equal(encoder.embed_positions.weight, whisper.model.encoder.embed_positions.weight[:100])
+    features = torch.randn(2, 80, 200, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the convolutions see the same frames: equal up to the shorter attention span
+        conv = torch.nn.functional.gelu(encoder.conv1(features))
+        torch.testing.assert_close(conv, torch.nn.functional.gelu(whisper.model.encoder.conv1(features)))
+    ak.add_adapter(encoder, "el", "el")
+    ak.train_adapter(encoder, "el")
+    encoder(features).last_hidden_state.pow(2).mean().backward()
+    assert all(p.grad is not None for n, p in encoder.named_parameters() if ".adapterkit." in n)
+    with pytest.raises(ak.AdapterFileError, match="seconds must be in"):
+        ct2whisper.load_encoder(seconds=31)

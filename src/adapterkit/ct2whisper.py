@@ -166,6 +166,29 @@ def load_whisper(folder: str | os.PathLike | None = None):
     return model.eval()
 
 
+def load_encoder(seconds: float = 30.0, folder: str | os.PathLike | None = None):
+    """The Whisper encoder alone, for inputs of ``seconds`` (30: the original).
+
+    Whisper's encoder takes a fixed number of mel frames (100 per second) and has learned
+    positions for 30 s. A shorter window keeps the first ``50 * seconds`` positions: the encoder
+    then costs ``seconds / 30`` of the original per utterance, a common choice for fine-tuning on
+    short utterances (the model was pre-trained on 30 s windows; adapters or fine-tuning adapt it).
+    """
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    full = load_whisper(folder)
+    positions = int(round(50 * seconds))
+    if not 1 <= positions <= full.config.max_source_positions:
+        raise AdapterFileError(f"seconds must be in (0, {full.config.max_source_positions / 50:g}], got {seconds}")
+    config = full.config
+    config.max_source_positions = positions
+    encoder = WhisperEncoder(config)
+    state = full.model.encoder.state_dict()
+    state["embed_positions.weight"] = state["embed_positions.weight"][:positions]
+    encoder.load_state_dict(state)
+    return encoder.eval()
+
+
 def convert(out: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
     """Write the converted model (``save_pretrained``) and the tokenizer to ``out``."""
     from transformers import PreTrainedTokenizerFast
