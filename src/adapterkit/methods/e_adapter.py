@@ -72,18 +72,24 @@ def layer_range(layers: list[int] | None, count: int) -> list[int]:
 
 
 @dataclasses.dataclass
-class EAdapterConfig(AdapterConfig):
-    """E-adapter: ``bottleneck_size`` 256, in ``layers`` (indices; None = every encoder layer)."""
+class BranchConfig(AdapterConfig):
+    """Fields shared by the E- and L-adapters: the branch width, the layers (indices; None = all), the init."""
 
-    method = "e_adapter"
     bottleneck_size: int = 256
     layers: list[int] | None = None
     init_std: float = 1e-3
-    train_layer_norms: bool = False
 
     def validate(self) -> None:
         check(self.bottleneck_size > 0, f"bottleneck_size must be > 0, got {self.bottleneck_size}")
         check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+
+
+@dataclasses.dataclass
+class EAdapterConfig(BranchConfig):
+    """E-adapter: ``bottleneck_size`` 256, in ``layers`` (indices; None = every encoder layer)."""
+
+    method = "e_adapter"
+    train_layer_norms: bool = False
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..arch import ArchSpec, features, find_layers, spec_for
 from ..backbone import base_prefix
-from .base import AdapterConfig, AdapterModule, check, param_dtype
-from .e_adapter import Branch, layer_range
+from .base import AdapterModule, check, param_dtype
+from .e_adapter import Branch, BranchConfig, layer_range
 
 WHY = "the L-adapter replaces the encoder's output by a weighted sum over its layers; use it alone or in a Stack"
 
@@ -80,17 +80,11 @@ class LCombine(AdapterModule):
 
 
 @dataclasses.dataclass
-class LAdapterConfig(AdapterConfig):
+class LAdapterConfig(BranchConfig):
     """L-adapter: ``bottleneck_size`` 512, from ``layers`` (indices; None = every encoder layer)."""
 
     method = "l_adapter"
     bottleneck_size: int = 512
-    layers: list[int] | None = None
-    init_std: float = 1e-3
-
-    def validate(self) -> None:
-        check(self.bottleneck_size > 0, f"bottleneck_size must be > 0, got {self.bottleneck_size}")
-        check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
