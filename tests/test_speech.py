@@ -18,6 +18,9 @@ def test_wavlm_route_keeps_the_base_outputs():
     ak.add_adapter(model, "a", "lora", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     randomize_adapters(model)
     assert mha.METHOD in model.encoder.layers[0].attention.__dict__
+    other = make_model("wavlm", head=False)
+    ak.add_adapter(other, "p", "pfeiffer")  # nothing in the attention: transformers' own path stays
+    assert not any(mha.METHOD in layer.attention.__dict__ for layer in other.encoder.layers)
     x = make_inputs("wavlm")
     with torch.no_grad(), ak.disable_adapters(model):
         torch.testing.assert_close(model(**x).last_hidden_state, plain(**x).last_hidden_state, atol=1e-6, rtol=1e-6)

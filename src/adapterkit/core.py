@@ -53,9 +53,9 @@ def add_adapter(
     if state.fingerprint is None:
         state.fingerprint = fingerprint(model)  # before any merge can change the weights
     placements = config.build(model, arch)
-    _route_functional_attention(model, arch)
     for path, module in placements:
         st.attach(model.get_submodule(path), name, module, state)
+    _route_functional_attention(model, arch)
     state.configs[name] = config
     state.checked.clear()
     if activate:
@@ -64,14 +64,16 @@ def add_adapter(
 
 
 def _route_functional_attention(model: nn.Module, arch: ArchSpec | None) -> None:
-    """WavLM-like attention: make its projections run as modules, so adapters on them act."""
+    """WavLM-like attention: where adapters sit in it, make its projections run as modules."""
     try:
         spec = spec_for(model, arch)
     except ArchitectureError:  # LoRA with target_modules on an architecture outside the table
         return
     if spec.functional_attention:
         for _, layer in find_layers(model, spec):
-            mha.install(layer.get_submodule(spec.attn_in))
+            attention = layer.get_submodule(spec.attn_in)
+            if any(isinstance(m, st.Slot) for m in attention.modules()):
+                mha.install(attention)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
