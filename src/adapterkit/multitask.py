@@ -69,37 +69,17 @@ def classes(task: str) -> int:
 
 
 def train(model: nn.Module, data: Sequence, lr: float, sizes: Sizes, task: str, extra: Callable | None = None) -> float:
-    """AdamW, linear warm-up and decay, cross-entropy over the task's classes (+ ``extra()``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = max(1, int(sizes.epochs * len(data) / 32))
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, int(0.06 * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
-    )
-    model.train()
-    step, epoch = 0, 0
-    while step < steps:
-        for inputs, labels in demo.batches(data, 32, seed=epoch):
-            loss = nn.functional.cross_entropy(model(**inputs).logits[:, : classes(task)], labels)
-            (loss + (extra() if extra else 0)).backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step >= steps:
-                break
-        epoch += 1
-    return loss.item()
+    """The demo's training loop, cross-entropy over the task's classes (+ ``extra()``); returns seconds."""
+
+    def loss(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        value = nn.functional.cross_entropy(model(**inputs).logits[:, : classes(task)], labels)
+        return value + extra() if extra else value
+
+    return demo.train(model, data, demo.Run(task, task, lr, sizes.epochs), loss_fn=loss)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: Sequence, task: str) -> float:
-    model.eval()
-    correct = 0
-    for inputs, labels in demo.batches(data, 128):
-        correct += (model(**inputs).logits[:, : classes(task)].argmax(-1) == labels).sum().item()
-    return correct / len(data)
+    return demo.accuracy(model, data, classes=classes(task))
 
 
 class Heads:
