@@ -107,4 +107,15 @@ __all__ = [
     "union",
     "unmerge_adapter",
     "use",
+    "callbacks",
+    "training",
 ]
+
+
+def __getattr__(name: str):
+    """``ak.callbacks`` (Trainer) and ``ak.training`` (the CLI's loop) load on first use."""
+    if name in ("callbacks", "training"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``adapterkit`` command line: ``demo``, ``multitask``, ``info``, ``inspect``, ``convert``, ``predict``."""
+"""``adapterkit`` command line: ``train``, ``eval``, ``compare``, ``predict``, the demos, ``info``, ``convert``."""
 
 from __future__ import annotations
 
@@ -33,8 +33,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .io import inspect_adapter, load_adapter
 
     folders = [_named(value) for value in args.adapter]
+    runs = [Path(path) / "train_config.json" for _, path in folders if (Path(path) / "train_config.json").is_file()]
+    folders = [(name, _adapter_folder(path)) for name, path in folders]
     heads = [info["head"] for info in map(inspect_adapter, [path for _, path in folders]) if info["head"]]
     model, tokenizer = _classifier(args.model, _num_labels(heads[-1]) if heads else None)
+    if runs:  # an `adapterkit train` output names its labels
+        model.config.id2label = dict(enumerate(json.loads(runs[-1].read_text())["labels"]))
     names = [load_adapter(model, path, name) for name, path in folders]
     fusions = [fusion.load_fusion(model, path) for path in args.fusion]
     if args.setup:
@@ -57,6 +61,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
         for text, row in zip(chunk, scores.tolist(), strict=True):
             best = max(range(len(row)), key=row.__getitem__)
             print(json.dumps({"text": text, "label": labels.get(best, best), "scores": [round(v, 5) for v in row]}))
+
+
+def _adapter_folder(path: str) -> str:
+    """An adapter folder, or the ``adapter/`` inside an ``adapterkit train`` output."""
+    return str(Path(path) / "adapter") if (Path(path) / "train_config.json").is_file() else path
 
 
 def _named(value: str) -> tuple[str | None, str]:
@@ -93,6 +102,69 @@ def _scores(model, tokenizer, texts: list[str]):
     inputs = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.no_grad():
         return model(**inputs).logits.softmax(-1)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Merge ``--config run.yaml`` with the options given (options win) and train."""
+    import dataclasses
+    import os
+    import shlex
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .training import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "argv") and v is not None}
+    overrides = dict(_assignment(item) for item in given.pop("set", []))
+    values = {**_read_yaml(args.config), **given} if args.config else given
+    values["set"] = {**values.get("set", {}), **overrides}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise AdapterError(f"unknown training option(s) {unknown} in {args.config}; known: {sorted(fields)}")
+    missing = [k for k in ("model", "data", "output") if k not in values]
+    if missing:
+        raise AdapterError(f"missing {', '.join('--' + k for k in missing)} (on the command line or in --config)")
+    metrics = train(TrainConfig(**values), command="adapterkit " + shlex.join(args.argv))
+    if metrics["distributed"]["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"best validation {metrics['selection_metric']}: {metrics['best']}; wrote {values['output']}")
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AdapterError(f"cannot read the run config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _assignment(item: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (``r=16``, ``dropout=0.1``, ``target_modules=["query"]``) or a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise AdapterError(f"--set takes key=value, not {item!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .training import evaluate_output
+
+    print(json.dumps(evaluate_output(args.model, args.adapter, args.data, args.batch_size)))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .training import compare
+
+    print(compare(args.outputs))
 
 
 def cmd_speech_demo(args: argparse.Namespace) -> None:
@@ -207,6 +279,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="a file of texts: one per line, or .jsonl objects with 'text'")
     r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
     r.set_defaults(func=cmd_predict)
+    _train_parser(sub)
+    e = sub.add_parser("eval", help="score an `adapterkit train` output on a data file")
+    e.add_argument("--model", required=True, help="the local base model folder")
+    e.add_argument("--adapter", required=True, help="the train output folder (OUT)")
+    e.add_argument("--data", required=True, help="CSV, JSONL, Parquet or a save_to_disk folder")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.set_defaults(func=cmd_eval)
+    cp = sub.add_parser("compare", help="metrics, trainable params and sizes of train outputs side by side")
+    cp.add_argument("outputs", nargs="+", help="train output folders")
+    cp.set_defaults(func=cmd_compare)
     sp = sub.add_parser("speech-demo", help="ELP-adapters vs full fine-tuning on synthesised speech (4 tasks)")
     _run_options(sp, "small subsets: about 4 minutes on 2 cores")
     sp.set_defaults(func=cmd_speech_demo)
@@ -231,8 +313,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_parser(sub) -> None:
+    from .training import TASKS
+
+    t = sub.add_parser("train", help="train an adapter (or --full-finetune) on local data; torchrun for DDP")
+    t.add_argument("--config", help="a YAML file of these options (keys as below, '-' or '_'); options win")
+    t.add_argument("--model", help="the local base model folder")
+    t.add_argument("--data", help="training data: CSV, JSONL, Parquet or a save_to_disk folder")
+    t.add_argument("--validation", help="validation data, evaluated each epoch; the best adapter is kept")
+    t.add_argument("--task", choices=sorted(TASKS))
+    t.add_argument("--text-column", help="input column (text; tokens for token-classification; audio for ctc)")
+    t.add_argument("--label-column")
+    t.add_argument("--adapter", help="a preset: pfeiffer, houlsby, lora, ia3, prefix, ... (default pfeiffer)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="adapter config override, repeatable")
+    t.add_argument("--full-finetune", action="store_true", default=None, help="train every weight, no adapter")
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, help="default 1e-3 (adapters), 5e-5 (full fine-tuning)")
+    t.add_argument("--batch-size", type=int, help="the global batch (split across torchrun processes)")
+    t.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 100) and at each epoch's end")
+    t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
+    t.add_argument("--metric", help="the selection metric (default: the task's first)")
+    t.add_argument("--threads", type=int, help="torch threads")
+    t.add_argument("--resume", action="store_true", default=None, help="continue the run in --output")
+    t.add_argument("--output", help="the output folder")
+    t.set_defaults(func=cmd_train)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's "exact command"
     try:
         args.func(args)
     except (AdapterError, OSError) as e:

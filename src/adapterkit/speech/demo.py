@@ -42,6 +42,7 @@ ROWS = [  # label, preset or config (None: full fine-tuning), learning rate
     ("ELP", UnionConfig([E, L, PAdapterConfig()]), 2e-3),
 ]
 TASKS = ("speaker", "emotion", "intent", "asr")
+HEAD_LR = 1e-3
 
 
 @dataclasses.dataclass
@@ -106,7 +107,9 @@ def score(task: str, encoder: nn.Module, head: nn.Module, test: Split, classes: 
     return float(np.mean([p == t for p, t in zip(predicted, test.labels, strict=True)]))
 
 
-def run(base: nn.Module, preset: Any, lr: float, task: str, splits: dict[str, Split], sizes: Sizes) -> dict:
+def run(
+    base: nn.Module, preset: Any, lr: float, task: str, splits: dict[str, Split], sizes: Sizes, head_lr: float = HEAD_LR
+) -> dict:
     encoder = copy.deepcopy(base)
     if preset is not None:
         core.add_adapter(encoder, "task", preset)
@@ -115,8 +118,11 @@ def run(base: nn.Module, preset: Any, lr: float, task: str, splits: dict[str, Sp
     train, test = splits["train"], splits["test"]
     classes = sorted(set(train.labels))
     head = make_head(task, encoder.config.d_model, train)
-    params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    groups = [
+        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": lr},
+        {"params": list(head.parameters()), "lr": head_lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(sizes.epochs):

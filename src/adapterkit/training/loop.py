@@ -1,0 +1,329 @@
+"""``adapterkit train``: one complete, resumable training loop, single process or DDP under torchrun.
+
+The run writes to ``output``: ``adapter/`` (the best adapter and head by the validation metric,
+or the last when there is no validation set; ``model/`` with ``--full-finetune``),
+``train_config.json``, ``metrics.json``, ``training.png``, ``README.md`` (a model card) and
+``checkpoints/`` (every ``save_steps`` steps and each epoch's end; see :mod:`.checkpoint`).
+Batches are a seeded permutation per epoch, so the data position is (epoch, batch) and a resumed
+run repeats an uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import core, io
+from ..errors import AdapterError
+from . import checkpoint as ck
+from . import report
+from .distributed import Distributed
+from .tables import read_table
+from .tasks import Task, make_task
+
+ADAPTER = "task"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on; ``adapterkit train`` options and ``--config run.yaml`` keys."""
+
+    model: str
+    data: str
+    output: str
+    validation: str | None = None
+    task: str = "classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    adapter: str = "pfeiffer"
+    set: dict[str, Any] = dataclasses.field(default_factory=dict)  # adapter config overrides
+    full_finetune: bool = False
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float | None = None  # default 1e-3 for adapters, 5e-5 for full fine-tuning
+    batch_size: int = 32
+    max_length: int = 128
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # share of the steps
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_steps: int = 100
+    patience: int | None = None  # evaluations without improvement before stopping
+    metric: str | None = None  # the selection metric (default: the task's first)
+    threads: int | None = None
+    resume: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (5e-5 if self.full_finetune else 1e-3)
+
+    def identity(self) -> dict[str, Any]:
+        """The keys a resumed run must share with the run it continues."""
+        keep = ("model", "data", "task", "text_column", "label_column", "adapter", "set", "full_finetune")
+        return {k: getattr(self, k) for k in (*keep, "epochs", "max_steps", "lr", "batch_size", "seed")}
+
+
+def train(config: TrainConfig, command: str = "") -> dict[str, Any]:
+    """Run ``config`` to the end (or resume it); returns what ``metrics.json`` holds."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dist = Distributed.from_env()
+    try:
+        return Run(config, dist, command).fit()
+    finally:
+        dist.close()
+
+
+class Run:
+    """The state of one training run: data, model, optimizer and position."""
+
+    def __init__(self, config: TrainConfig, dist: Distributed, command: str) -> None:
+        self.config, self.dist, self.command = config, dist, command
+        self.out = Path(config.output)
+        self.ckpt_root = self.out / "checkpoints"
+        self._check_output()
+        self.task, self.train_set, self.val_set, self.tokenizer = load_data(config)
+        dist.on_main(lambda: report.write_json(self.out / "train_config.json", self._description()))
+        torch.manual_seed(config.seed)  # the new head's and adapter's initial values
+        self.model = build_model(config, self.task).to(dist.device)
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.wrapped = dist.wrap(self.model)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.metric = config.metric or self.task.metrics[0]
+        if self.metric not in self.task.metrics:
+            raise AdapterError(f"task {self.task.name} reports {self.task.metrics}, not {self.metric!r}")
+        self.position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped": False}
+        self.history: dict[str, list] = {"loss": [], "eval": []}
+        if config.resume:
+            self._resume()
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup`` of the steps, then linear decay to 0."""
+        warm = max(1, int(self.config.warmup * self.total_steps))
+        return min((step + 1) / warm, max(0.0, (self.total_steps - step) / (self.total_steps - warm + 1)))
+
+    def _check_output(self) -> None:
+        held = (self.out / "checkpoints" / ck.POINTER).exists()
+        if held and not self.config.resume:
+            raise AdapterError(
+                f"{self.out} already holds a run; pass --resume to continue it or choose another --output"
+            )
+        if self.dist.main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.out).close()
+            except OSError as e:
+                raise AdapterError(f"cannot write to the output folder {self.out}: {e.strerror or e}") from e
+
+    def _description(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "labels": self.task.labels, "command": self.command}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        bar = tqdm(total=self.total_steps, initial=self.position["step"], disable=not self.dist.main, desc="train")
+        seen, clock = 0, time.perf_counter()
+        while self.position["step"] < self.total_steps and not self.position["stopped"]:
+            batches = epoch_batches(
+                len(self.train_set), self.config.batch_size, self.config.seed, self.position["epoch"]
+            )
+            while self.position["batch"] < len(batches) and self.position["step"] < self.total_steps:
+                loss = self._step(batches[self.position["batch"]])
+                self.position["step"] += 1
+                self.position["batch"] += 1
+                self.history["loss"].append([self.position["step"], loss])
+                seen += len(batches[self.position["batch"] - 1])
+                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{seen / (time.perf_counter() - clock):.1f}")
+                bar.update()
+                if self.position["step"] % self.config.save_steps == 0:
+                    self._checkpoint()
+            self._end_of_epoch()
+        bar.close()
+        return self._finish(seen / max(time.perf_counter() - clock, 1e-9))
+
+    def _step(self, rows: list[int]) -> float:
+        mine = self.dist.share(rows)
+        batch = self.task.collate([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
+        self.wrapped.train()
+        loss = self.wrapped(**{k: v.to(self.dist.device) for k, v in batch.items()}).loss
+        # Each rank's mean is weighted by its share, so DDP's gradient mean is the global batch mean.
+        (loss * (len(mine) * self.dist.world / len(rows))).backward()
+        if self.config.max_grad_norm:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.dist.mean(loss.detach())
+
+    def _end_of_epoch(self) -> None:
+        if self.val_set:
+            scores = self.dist.from_main(lambda: evaluate(self.task, self.model, self.val_set, self.tokenizer))
+            self.history["eval"].append({"step": self.position["step"], "epoch": self.position["epoch"], **scores})
+            self._keep_best(scores[self.metric])
+        self.position["epoch"] += 1
+        self.position["batch"] = 0
+        self._checkpoint()
+
+    def _keep_best(self, value: float) -> None:
+        best = self.position["best"]
+        lower = self.metric in self.task.lower_is_better
+        if best is None or (value < best if lower else value > best):
+            self.position["best"], self.position["bad_evals"] = value, 0
+            self.dist.on_main(self._save_result)
+        else:
+            self.position["bad_evals"] += 1
+            patience = self.config.patience
+            self.position["stopped"] = patience is not None and self.position["bad_evals"] >= patience
+
+    def _save_result(self) -> None:
+        if not self.config.full_finetune:
+            io.save_adapter(self.model, ADAPTER, self.out / "adapter")
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.out))
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(self.out / "model", ignore_errors=True)
+        tmp.rename(self.out / "model")
+
+    def _finish(self, examples_per_s: float) -> dict[str, Any]:
+        if not self.val_set:
+            self.dist.on_main(self._save_result)
+        metrics = {
+            "task": self.task.name,
+            "method": "full fine-tuning" if self.config.full_finetune else self.config.adapter,
+            "base_model": self.config.model,
+            "trainable_params": self.trainable,
+            "total_params": self.total_params,
+            "selection_metric": self.metric,
+            "best": self.position["best"],
+            "steps": self.position["step"],
+            "early_stopped": self.position["stopped"],
+            "train_examples_per_s": examples_per_s,
+            "distributed": self.dist.describe(),
+            "history": self.history,
+        }
+        self.dist.on_main(lambda: report.write_all(self.out, metrics, self._description()))
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        def write() -> None:
+            opt_tensors, groups = ck.optimizer_state(self.optimizer)
+            rng_tensors, rng_json = ck.rng_state()
+            tensors = {"trainable.safetensors": ck.trainable_state(self.model), "optimizer.safetensors": opt_tensors}
+            state = {
+                "position": self.position,
+                "history": self.history,
+                "param_groups": groups,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_json,
+                "config": self.config.identity(),
+            }
+            ck.save_checkpoint(self.ckpt_root, self.position["step"], tensors | {"rng.safetensors": rng_tensors}, state)
+
+        self.dist.on_main(write)
+
+    def _resume(self) -> None:
+        folder = ck.latest(self.ckpt_root)
+        if folder is None:
+            return  # killed before the first checkpoint: start from the beginning
+        tensors, state = ck.load_checkpoint(folder)
+        if state["config"] != json.loads(json.dumps(self.config.identity())):
+            raise AdapterError(
+                f"{folder} was written by a run with other settings ({state['config']}); use another --output"
+            )
+        ck.load_trainable(self.model, tensors["trainable.safetensors"], folder)
+        ck.load_optimizer_state(self.optimizer, tensors["optimizer.safetensors"], state["param_groups"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ck.set_rng_state(tensors["rng.safetensors"], state["rng"]["python"])
+        self.position, self.history = state["position"], state["history"]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The rows of each batch of ``epoch``: a permutation seeded by ``seed + epoch``, cut in order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, list, list, Any]:
+    """The task, encoded training and validation examples, tokenizer.
+
+    The labels are learned from the training file unless given (evaluating a finished run).
+    """
+    from transformers import AutoTokenizer
+
+    task = make_task(
+        config.task, text_column=config.text_column, label_column=config.label_column, max_length=config.max_length
+    )
+    train_table = read_table(config.data)
+    if labels is None:
+        task.fit_labels(train_table)
+    task.labels = task.labels if labels is None else labels
+    tokenizer = None if task.name == "ctc" else _load(AutoTokenizer, config.model)
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    val = task.encode(read_table(config.validation), tokenizer) if config.validation else []
+    return task, task.encode(train_table, tokenizer), val, tokenizer or _NoTokenizer()
+
+
+class _NoTokenizer:
+    """Speech input has no tokenizer; padding uses zeros."""
+
+    pad_token_id = 0
+
+    def save_pretrained(self, path: Path) -> None:
+        pass
+
+
+def _load(auto_class, path: str, **kwargs: Any):
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"cannot load {auto_class.__name__} from {path!r}: {e}") from e
+
+
+def task_model(path: str, task: Task) -> nn.Module:
+    """The task's transformers model from folder ``path``; a head of another size is created anew."""
+    import transformers
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # a new head's "newly initialized" weights are expected
+    cls = getattr(transformers, task.auto_class)
+    return _load(cls, path, ignore_mismatched_sizes=True, **task.model_kwargs())
+
+
+def build_model(config: TrainConfig, task: Task) -> nn.Module:
+    """The task's model from ``config.model`` with the adapter (or, full fine-tuning, every weight) training."""
+    model = task_model(config.model, task)
+    if config.full_finetune:
+        model.requires_grad_(True)
+        return model
+    core.add_adapter(model, ADAPTER, config.adapter, **config.set)
+    core.train_adapter(model, ADAPTER)
+    return model
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, examples: list, tokenizer, batch_size: int = 64) -> dict[str, float]:
+    """The task's metrics on ``examples`` (in order, eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    predicted = []
+    for start in range(0, len(examples), batch_size):
+        batch = task.collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        predicted += task.predict(model, {k: v.to(device) for k, v in batch.items()})
+    return task.score(predicted, task.gold(examples))
