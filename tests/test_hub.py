@@ -309,7 +309,7 @@ def test_a_killed_server_keeps_what_it_acknowledged(tmp_path):
         server.kill()
 
 
-def test_cli_push_pull_search(hub, tmp_path, capsys):
+def test_cli_push_pull_search(hub, tmp_path, capsys, monkeypatch):
     folder = saved(tmp_path, trained())
     auth = ["--hub", hub.url, "--token", hub.tokens["alice"]]
     assert cli.main(["push", str(folder), "--name", "alice/cli-lora", "--tag", "v1", *auth]) == 0
@@ -320,6 +320,8 @@ def test_cli_push_pull_search(hub, tmp_path, capsys):
         path.name == revision
         and (path / "adapter.safetensors").read_bytes() == (folder / "adapter.safetensors").read_bytes()
     )
+    monkeypatch.setenv("ADAPTERKIT_HUB", hub.url)
+    assert cli._pulled("hub:alice/cli-lora@v1") == str(path)  # `predict --adapter hub:...` reads this folder
     assert cli.main(["search", "cli-lora", "--hub", hub.url]) == 0
     assert "alice/cli-lora  lora" in capsys.readouterr().out
     assert cli.main(["push", str(folder), "--name", "alice/x", "--hub", hub.url]) == 2
@@ -352,3 +354,23 @@ def test_safetensors_checker_accepts_real_files(tmp_path):
 
     save_file({"a": torch.zeros(3), "b": torch.ones(2, 2)}, tmp_path / "t.safetensors", metadata={"k": "v"})
     check_content("t.safetensors", (tmp_path / "t.safetensors").read_bytes())
+
+
+def test_search_by_text_method_task_and_base(hub, tmp_path):
+    token = hub.tokens["bob"]
+    client.push(saved(tmp_path, trained(), "l"), "bob/find-lora", hub.url, [], token, task="sentiment")
+    client.push(saved(tmp_path, trained(preset="pfeiffer"), "p"), "bob/find-pf", hub.url, [], token, task="topic")
+    names = lambda **kw: sorted(c["name"] for c in client.search(kw.pop("q", "find-"), hub.url, **kw))  # noqa: E731
+    assert names() == ["bob/find-lora", "bob/find-pf"]
+    assert names(method="lora") == ["bob/find-lora"] and names(task="topic") == ["bob/find-pf"]
+    base = client.card("bob/find-lora", hub.url)["base_model"]
+    assert names(base_model=base) == ["bob/find-lora", "bob/find-pf"] and names(base_model="other/model") == []
+    assert names(q="no-such-adapter") == []
+
+
+def test_references_that_would_escape_the_cache_are_refused():
+    assert client.parse_ref("hub:alice/x@v1") == ("alice/x", "v1")
+    assert client.parse_ref("alice/x") == ("alice/x", "latest")
+    for bad in ("hub:alice/x@../../etc", "hub:../x", "hub:alice/x/y", "hub:alice/x@a/b"):
+        with pytest.raises(ak.AdapterError, match="bad"):
+            client.parse_ref(bad)

@@ -33,6 +33,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .io import inspect_adapter, load_adapter
 
     folders = [_named(value) for value in args.adapter]
+    folders = [(name, _pulled(path)) for name, path in folders]
     runs = [Path(path) / "train_config.json" for _, path in folders if (Path(path) / "train_config.json").is_file()]
     folders = [(name, _adapter_folder(path)) for name, path in folders]
     heads = [info["head"] for info in map(inspect_adapter, [path for _, path in folders]) if info["head"]]
@@ -61,6 +62,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         for text, row in zip(chunk, scores.tolist(), strict=True):
             best = max(range(len(row)), key=row.__getitem__)
             print(json.dumps({"text": text, "label": labels.get(best, best), "scores": [round(v, 5) for v in row]}))
+
+
+def _pulled(path: str) -> str:
+    """A ``hub:owner/name[@rev]`` reference becomes its folder in the local cache."""
+    if not path.startswith("hub:"):
+        return path
+    from .hub import pull
+
+    return str(pull(path))
 
 
 def _adapter_folder(path: str) -> str:
@@ -310,7 +320,9 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_multitask)
     r = sub.add_parser("predict", help="classify texts with loaded adapters and an active composition")
     r.add_argument("--model", required=True, help="the local base model folder")
-    r.add_argument("--adapter", action="append", default=[], required=True, help="[NAME=]PATH, repeatable")
+    r.add_argument(
+        "--adapter", action="append", default=[], required=True, help="[NAME=]PATH or hub:owner/name, repeatable"
+    )
     r.add_argument("--fusion", action="append", default=[], help="a save_fusion folder, repeatable")
     r.add_argument("--setup", help="e.g. 'movie', 'a, b' (stack), 'Fuse(a, b)', 'Average(a, b, weights=[1, 3])'")
     r.add_argument("--text", action="append", default=[], help="a text to classify, repeatable")

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -22,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
+from .safety import TAG, HubError, check_name, check_path
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
+REVISION = re.compile(r"^[0-9a-f]{64}$")
+REVISION_PREFIX = re.compile(r"^[0-9a-f]{7,64}$")
 SHARED = (".safetensors", ".json")
 
 
@@ -129,9 +133,20 @@ def make_card(folder: Path, license: str = "unknown", task: str | None = None) -
 
 # -- pull -----------------------------------------------------------------------------------------
 def parse_ref(ref: str) -> tuple[str, str]:
-    """``[hub:]owner/name[@rev]`` -> ``("owner/name", rev or "latest")``."""
+    """``[hub:]owner/name[@rev]`` -> ``("owner/name", rev or "latest")``; both checked (they name cache paths)."""
     name, _, rev = ref.removeprefix("hub:").partition("@")
-    return name, rev or "latest"
+    _checked(check_name, name)
+    rev = rev or "latest"
+    if not (TAG.match(rev) or REVISION_PREFIX.match(rev)):
+        raise AdapterError(f"bad revision {rev!r} in {ref!r}: a tag or a hex revision id")
+    return name, rev
+
+
+def _checked(check, value: str) -> None:
+    try:
+        check(value)
+    except HubError as e:
+        raise AdapterError(e.reason) from None
 
 
 def cache_root() -> Path:
@@ -185,11 +200,15 @@ def pull(ref: str, hub: str | None = None, token: str | None = None, model=None)
 def _download(hub: str, name: str, meta: dict[str, Any], target: Path, token: str | None) -> None:
     blobs = cache_root() / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=target.parent if target.parent.exists() else _mk(target.parent)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=target.parent))
     try:
         manifest = json.loads(request("GET", f"{hub}/api/models/{name}/tree/{meta['revision']}", token=token))
         for entry in manifest:
             digest, path = entry["lfs"]["oid"], entry["path"]
+            _checked(check_path, path)  # a hub is not trusted with paths on this disk
+            if not REVISION.match(digest):
+                raise AdapterError(f"{name}/{path}: the hub sent a malformed sha256 {digest!r}")
             blob = blobs / digest
             if not blob.is_file():
                 data = request(
@@ -205,11 +224,6 @@ def _download(hub: str, name: str, meta: dict[str, Any], target: Path, token: st
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _mk(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

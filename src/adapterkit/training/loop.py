@@ -108,6 +108,7 @@ class Run:
         if self.metric not in self.task.metrics:
             raise AdapterError(f"task {self.task.name} reports {self.task.metrics}, not {self.metric!r}")
         self.position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped": False}
+        self.position |= {"examples": 0, "seconds": 0.0}  # training throughput over the whole run, resumes included
         self.history: dict[str, list] = {"loss": [], "eval": []}
         if config.resume:
             self._resume()
@@ -136,24 +137,29 @@ class Run:
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         bar = tqdm(total=self.total_steps, initial=self.position["step"], disable=not self.dist.main, desc="train")
-        seen, clock = 0, time.perf_counter()
         while self.position["step"] < self.total_steps and not self.position["stopped"]:
             batches = epoch_batches(
                 len(self.train_set), self.config.batch_size, self.config.seed, self.position["epoch"]
             )
             while self.position["batch"] < len(batches) and self.position["step"] < self.total_steps:
+                clock = time.perf_counter()
                 loss = self._step(batches[self.position["batch"]])
+                self.position["examples"] += len(batches[self.position["batch"]])
                 self.position["step"] += 1
                 self.position["batch"] += 1
                 self.history["loss"].append([self.position["step"], loss])
-                seen += len(batches[self.position["batch"] - 1])
-                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{seen / (time.perf_counter() - clock):.1f}")
-                bar.update()
                 if self.position["step"] % self.config.save_steps == 0:
                     self._checkpoint()
+                self.position["seconds"] += time.perf_counter() - clock
+                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{self._throughput():.1f}")
+                bar.update()
             self._end_of_epoch()
         bar.close()
-        return self._finish(seen / max(time.perf_counter() - clock, 1e-9))
+        return self._finish(self._throughput())
+
+    def _throughput(self) -> float:
+        """Training examples per second: steps and their checkpoints, not evaluation."""
+        return self.position["examples"] / max(self.position["seconds"], 1e-9)
 
     def _step(self, rows: list[int]) -> float:
         mine = self.dist.share(rows)
