@@ -13,9 +13,9 @@ import base64
 import binascii
 import html
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from .safety import HubError
@@ -23,112 +23,130 @@ from .store import Limits, Store
 
 
 def create_app(root: str, private: bool = False, limits: Limits | None = None) -> FastAPI:
-    limits = limits or Limits()
-    store = Store(root, limits)
+    """The hub over the folder ``root``: routes in order (adapterkit's API, HF protocol, HTML)."""
     app = FastAPI(title="adapterkit hub", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.store, app.state.private = store, private
-
-    @app.exception_handler(HubError)
-    async def refusal(request: Request, e: HubError) -> Response:
-        headers = {**e.headers, "X-Error-Message": e.reason[:500].encode("ascii", "replace").decode()}
-        if e.code:
-            headers["X-Error-Code"] = e.code
-        return JSONResponse({"error": e.reason}, status_code=e.status, headers=headers)
-
-    def reader(request: Request) -> None:
-        if private and store.owner_of(_token(request)) is None:
-            raise HubError(401, "this hub is private: pass a token (Authorization: Bearer ...)")
-
-    def writer(request: Request, owner: str) -> None:
-        who = store.owner_of(_token(request))
-        if who is None:
-            raise HubError(401, "uploads and deletes need a token: adapterkit hub token create OWNER")
-        if who != owner:
-            raise HubError(403, f"this token belongs to {who!r}, not to {owner!r}")
-
-    # -- adapterkit's JSON API ---------------------------------------------------------------------
-    @app.get("/api/adapters")
-    def search(request: Request, q: str = "", base_model: str = "", method: str = "", task: str = "") -> Any:
-        reader(request)
-        return [_summary(c) for c in store.search(q, base_model=base_model, method=method, task=task)]
-
-    @app.get("/api/adapters/{owner}/{name}")
-    def card(request: Request, owner: str, name: str, rev: str = "latest") -> Any:
-        reader(request)
-        card, _ = store.revision(f"{owner}/{name}", rev)
-        return {**card, "name": f"{owner}/{name}", "history": [c["revision"] for c in store.history(f"{owner}/{name}")]}
-
-    @app.post("/api/adapters/{owner}/{name}")
-    async def upload(request: Request, owner: str, name: str) -> Any:
-        writer(request, owner)
-        body = await _bounded_body(request, limits)
-        files = {path: _b64(path, data) for path, data in body.get("files", {}).items()}
-        card = body.get("card", {})
-        if not isinstance(card, dict):
-            raise HubError(400, "card must be a JSON object")
-        return store.commit(f"{owner}/{name}", files, card, list(body.get("tags", [])))
-
-    @app.delete("/api/adapters/{owner}/{name}")
-    def delete(request: Request, owner: str, name: str) -> Any:
-        writer(request, owner)
-        return {"deleted": f"{owner}/{name}", "revisions": store.delete(f"{owner}/{name}")}
-
-    # -- the Hugging Face Hub's download protocol ---------------------------------------------------
-    @app.get("/api/models/{owner}/{name}")
-    @app.get("/api/models/{owner}/{name}/revision/{rev}")
-    def model_info(request: Request, owner: str, name: str, rev: str = "latest") -> Any:
-        reader(request)
-        repo = f"{owner}/{name}"
-        card, manifest = store.revision(repo, _rev(rev))
-        return {
-            "id": repo,
-            "modelId": repo,
-            "author": owner,
-            "sha": card["revision"],
-            "private": private,
-            "tags": card.get("tags", []),
-            "siblings": [{"rfilename": p} for p in sorted(manifest)],
-            "lastModified": _iso(card["created"]),
-            "createdAt": _iso(card["created"]),
-        }
-
-    @app.get("/api/models/{owner}/{name}/tree/{rev}")
-    @app.get("/api/models/{owner}/{name}/tree/{rev}/{path:path}")
-    def tree(request: Request, owner: str, name: str, rev: str, path: str = "") -> Any:
-        reader(request)
-        _, manifest = store.revision(f"{owner}/{name}", _rev(rev))
-        prefix = path.strip("/") + "/" if path.strip("/") else ""
-        return [
-            {"type": "file", "path": p, "size": m["size"], "oid": m["sha256"][:40],
-             "lfs": {"oid": m["sha256"], "size": m["size"], "pointerSize": 134}}
-            for p, m in sorted(manifest.items()) if p.startswith(prefix)
-        ]  # fmt: skip
-
-    @app.api_route("/{owner}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
-    def resolve(request: Request, owner: str, name: str, rev: str, path: str) -> Any:
-        reader(request)
-        card, manifest = store.revision(f"{owner}/{name}", _rev(rev))
-        headers = {"X-Repo-Commit": card["revision"]}
-        if path not in manifest:
-            raise HubError(404, f"{owner}/{name} has no file {path!r}", code="EntryNotFound", headers=headers)
-        digest = manifest[path]["sha256"]
-        headers |= {"ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"', "Cache-Control": "public, max-age=31536000"}
-        return FileResponse(store.blob(digest), headers=headers, media_type="application/octet-stream")
-
-    # -- the HTML page --------------------------------------------------------------------------------
-    @app.get("/", response_class=HTMLResponse)
-    def index(request: Request, q: str = "", method: str = "", task: str = "") -> Any:
-        reader(request)
-        cards = store.search(q, method=method, task=task)
-        return _page("adapterkit hub", _search_form(q, method, task) + _table(cards))
-
-    @app.get("/{owner}/{name}", response_class=HTMLResponse)
-    def card_page(request: Request, owner: str, name: str) -> Any:
-        reader(request)
-        card, _ = store.revision(f"{owner}/{name}")
-        return _page(f"{owner}/{name}", _card_html(f"{owner}/{name}", card))
-
+    app.state.store, app.state.private = Store(root, limits or Limits()), private
+    app.add_exception_handler(HubError, _refusal)
+    for router in (api, hf, pages):  # pages last: "/{owner}/{name}" would shadow "/api/adapters"
+        app.include_router(router)
     return app
+
+
+async def _refusal(request: Request, e: HubError) -> Response:
+    headers = {**e.headers, "X-Error-Message": e.reason[:500].encode("ascii", "replace").decode()}
+    if e.code:
+        headers["X-Error-Code"] = e.code
+    return JSONResponse({"error": e.reason}, status_code=e.status, headers=headers)
+
+
+async def readable(request: Request) -> Store:
+    """Dependency of every read: the store, after the token check of a private hub.
+
+    async: a sync dependency would cost every request a hop through the thread pool; the token
+    lookup is one indexed SQLite read."""
+    store = request.app.state.store
+    if request.app.state.private and store.owner_of(_token(request)) is None:
+        raise HubError(401, "this hub is private: pass a token (Authorization: Bearer ...)")
+    return store
+
+
+async def writable(request: Request, owner: str) -> Store:
+    """Dependency of uploads and deletes: the token must belong to ``owner``."""
+    store = request.app.state.store
+    who = store.owner_of(_token(request))
+    if who is None:
+        raise HubError(401, "uploads and deletes need a token: adapterkit hub token create OWNER")
+    if who != owner:
+        raise HubError(403, f"this token belongs to {who!r}, not to {owner!r}")
+    return store
+
+
+Reader = Annotated[Store, Depends(readable)]
+Writer = Annotated[Store, Depends(writable)]
+api, hf, pages = APIRouter(), APIRouter(), APIRouter()
+
+
+# -- adapterkit's JSON API -------------------------------------------------------------------------
+@api.get("/api/adapters")
+def search(store: Reader, q: str = "", base_model: str = "", method: str = "", task: str = "") -> Any:
+    return [_summary(c) for c in store.search(q, base_model=base_model, method=method, task=task)]
+
+
+@api.get("/api/adapters/{owner}/{name}")
+def card(store: Reader, owner: str, name: str, rev: str = "latest") -> Any:
+    repo = f"{owner}/{name}"
+    card, _ = store.revision(repo, rev)
+    return {**card, "name": repo, "history": [c["revision"] for c in store.history(repo)]}
+
+
+@api.post("/api/adapters/{owner}/{name}")
+async def upload(request: Request, store: Writer, owner: str, name: str) -> Any:
+    body = await _bounded_body(request, store.limits)
+    files = {path: _b64(path, data) for path, data in body["files"].items()}
+    card = body.get("card", {})
+    if not isinstance(card, dict):
+        raise HubError(400, "card must be a JSON object")
+    return store.commit(f"{owner}/{name}", files, card, list(body.get("tags", [])))
+
+
+@api.delete("/api/adapters/{owner}/{name}")
+def delete(store: Writer, owner: str, name: str) -> Any:
+    return {"deleted": f"{owner}/{name}", "revisions": store.delete(f"{owner}/{name}")}
+
+
+# -- the Hugging Face Hub's download protocol -------------------------------------------------------
+@hf.get("/api/models/{owner}/{name}")
+@hf.get("/api/models/{owner}/{name}/revision/{rev}")
+def model_info(request: Request, store: Reader, owner: str, name: str, rev: str = "latest") -> Any:
+    repo = f"{owner}/{name}"
+    card, manifest = store.revision(repo, _rev(rev))
+    return {
+        "id": repo,
+        "modelId": repo,
+        "author": owner,
+        "sha": card["revision"],
+        "private": request.app.state.private,
+        "tags": card.get("tags", []),
+        "siblings": [{"rfilename": p} for p in sorted(manifest)],
+        "lastModified": _iso(card["created"]),
+        "createdAt": _iso(card["created"]),
+    }
+
+
+@hf.get("/api/models/{owner}/{name}/tree/{rev}")
+@hf.get("/api/models/{owner}/{name}/tree/{rev}/{path:path}")
+def tree(store: Reader, owner: str, name: str, rev: str, path: str = "") -> Any:
+    _, manifest = store.revision(f"{owner}/{name}", _rev(rev))
+    prefix = path.strip("/") + "/" if path.strip("/") else ""
+    return [
+        {"type": "file", "path": p, "size": m["size"], "oid": m["sha256"][:40],
+         "lfs": {"oid": m["sha256"], "size": m["size"], "pointerSize": 134}}
+        for p, m in sorted(manifest.items()) if p.startswith(prefix)
+    ]  # fmt: skip
+
+
+@hf.api_route("/{owner}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
+def resolve(store: Reader, owner: str, name: str, rev: str, path: str) -> Any:
+    card, manifest = store.revision(f"{owner}/{name}", _rev(rev))
+    headers = {"X-Repo-Commit": card["revision"]}
+    if path not in manifest:
+        raise HubError(404, f"{owner}/{name} has no file {path!r}", code="EntryNotFound", headers=headers)
+    digest = manifest[path]["sha256"]
+    headers |= {"ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"', "Cache-Control": "public, max-age=31536000"}
+    return FileResponse(store.blob(digest), headers=headers, media_type="application/octet-stream")
+
+
+# -- the HTML page ------------------------------------------------------------------------------------
+@pages.get("/", response_class=HTMLResponse)
+def index(store: Reader, q: str = "", method: str = "", task: str = "") -> Any:
+    cards = store.search(q, method=method, task=task)
+    return _page("adapterkit hub", _search_form(q, method, task) + _table(cards))
+
+
+@pages.get("/{owner}/{name}", response_class=HTMLResponse)
+def card_page(store: Reader, owner: str, name: str) -> Any:
+    card, _ = store.revision(f"{owner}/{name}")
+    return _page(f"{owner}/{name}", _card_html(f"{owner}/{name}", card))
 
 
 def _token(request: Request) -> str | None:
