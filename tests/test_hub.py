@@ -182,6 +182,40 @@ def test_huggingface_hub_downloads_identical_files(hub, tmp_path):
     assert out["nope.json"] == "RemoteEntryNotFoundError" and out["a.json"] == "RepositoryNotFoundError"
 
 
+HF_UPLOAD = """
+import json, sys
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+url, token, folder, extra = sys.argv[1:5]
+api = HfApi(endpoint=url, token=token)
+api.create_repo("alice/hf-up", exist_ok=True)
+first = api.upload_folder(folder_path=folder, repo_id="alice/hf-up").oid
+second = api.upload_folder(folder_path=extra, repo_id="alice/hf-up").oid
+try:
+    api.upload_file(path_or_fileobj=b"not allowed", path_in_repo="model.bin", repo_id="alice/hf-up")
+    refused = None
+except HfHubHTTPError as e:
+    refused = str(e)
+print(json.dumps({"first": first, "second": second, "refused": refused}))
+"""
+
+
+def test_hfapi_upload_folder(hub, tmp_path):
+    """``HfApi(endpoint=URL).upload_folder`` commits on top of the latest revision; bad files are refused."""
+    folder = saved(tmp_path, trained(), "peft", format="peft")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "notes.json").write_text('{"note": 1}')
+    cmd = [sys.executable, "-c", HF_UPLOAD, hub.url, hub.tokens["alice"], str(folder), str(tmp_path / "extra")]
+    out = json.loads(subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    first, second = client.card(f"alice/hf-up@{out['first']}", hub.url), client.card("alice/hf-up", hub.url)
+    assert first["method"] == "lora" and first["format"] == "peft" and second["revision"] == out["second"]
+    assert set(second["files"]) == {*(p.name for p in folder.iterdir()), "notes.json"}  # a commit adds files
+    pulled = client.pull("alice/hf-up", hub.url)
+    for f in folder.iterdir():
+        assert (pulled / f.name).read_bytes() == f.read_bytes()
+    assert "only .safetensors and .json" in out["refused"]
+
+
 PEFT_LOAD = """
 import json, sys, torch, transformers as T
 from peft import PeftModel

@@ -136,6 +136,71 @@ def resolve(store: Reader, owner: str, name: str, rev: str, path: str) -> Any:
     return FileResponse(store.blob(digest), headers=headers, media_type="application/octet-stream")
 
 
+# The write side, for `HfApi(endpoint=URL).upload_folder` / `create_commit`: every file is "regular"
+# (base64 inside the commit), so no LFS or Xet storage is involved.
+@hf.post("/api/repos/create")
+async def create_repo(request: Request) -> Any:
+    body = json.loads(await request.body() or b"{}")
+    owner = body.get("organization") or body.get("name", "").partition("/")[0]
+    name = body.get("name", "").rpartition("/")[2]
+    await writable(request, owner)
+    return {"url": f"{str(request.base_url).rstrip('/')}/{owner}/{name}", "name": f"{owner}/{name}"}
+
+
+@hf.post("/api/models/{owner}/{name}/preupload/{rev}")
+async def preupload(request: Request, store: Writer, owner: str, name: str, rev: str) -> Any:
+    files = (await request.json()).get("files", [])
+    return {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+
+
+@hf.post("/api/models/{owner}/{name}/commit/{rev}")
+async def hf_commit(request: Request, store: Writer, owner: str, name: str, rev: str) -> Any:
+    """An HF commit adds and deletes files on top of the revision it names (none for a new adapter)."""
+    repo = f"{owner}/{name}"
+    lines = [json.loads(line) for line in (await _bounded_raw(request, store.limits)).splitlines() if line.strip()]
+    try:
+        _, manifest = store.revision(repo, _rev(rev))
+    except HubError as e:
+        if e.code != "RepoNotFound":
+            raise
+        manifest = {}
+    files = {path: store.blob(m["sha256"]).read_bytes() for path, m in manifest.items()}
+    for line in lines:
+        key, value = line.get("key"), line.get("value", {})
+        if key == "file":
+            files[value["path"]] = _b64(value["path"], value["content"])
+        elif key == "deletedFile":
+            files.pop(value["path"], None)
+        elif key != "header":
+            raise HubError(400, f"commit operation {key!r} is not supported by this hub (only regular files)")
+    card = store.commit(repo, files, card_from_files(files), [])
+    base = str(request.base_url).rstrip("/")
+    return {
+        "commitUrl": f"{base}/{repo}/commit/{card['revision']}",
+        "commitOid": card["revision"],
+        "pullRequestUrl": None,
+    }
+
+
+def card_from_files(files: dict[str, bytes]) -> dict[str, Any]:
+    """A card read from an uploaded ``adapter_config.json`` (adapterkit's or peft's), when there is one."""
+    try:
+        config = json.loads(files["adapter_config.json"])
+    except (KeyError, ValueError):
+        return {}
+    if config.get("format") == "adapterkit":
+        base = config.get("base_model", {})
+        return {
+            "method": config["config"].get("method"),
+            "format": "adapterkit",
+            "base_model": base.get("name_or_path"),
+            "model_type": base.get("model_type"),
+            "fingerprint": base.get("fingerprint"),
+        }
+    method = str(config.get("peft_type", "")).lower() or None
+    return {"method": method, "format": "peft", "base_model": config.get("base_model_name_or_path")}
+
+
 # -- the HTML page ------------------------------------------------------------------------------------
 @pages.get("/", response_class=HTMLResponse)
 def index(store: Reader, q: str = "", method: str = "", task: str = "") -> Any:
@@ -158,8 +223,8 @@ def _rev(rev: str) -> str:
     return "latest" if rev == "main" else rev  # huggingface_hub asks for "main" by default
 
 
-async def _bounded_body(request: Request, limits: Limits) -> dict[str, Any]:
-    """The JSON body, refused past the upload limit (base64 grows data by 4/3) without reading it all."""
+async def _bounded_raw(request: Request, limits: Limits) -> bytes:
+    """The request body, refused past the upload limit (base64 grows data by 4/3) without reading it all."""
     cap = limits.max_upload_bytes * 4 // 3 + 2**20
     declared = int(request.headers.get("content-length") or 0)
     if declared > cap:
@@ -170,8 +235,13 @@ async def _bounded_body(request: Request, limits: Limits) -> dict[str, Any]:
         if size > cap:
             raise HubError(413, f"the upload is over the limit of {limits.max_upload_bytes} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _bounded_body(request: Request, limits: Limits) -> dict[str, Any]:
+    """adapterkit's upload: ``{"files": {path: base64}, "card": {...}, "tags": [...]}``."""
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(await _bounded_raw(request, limits))
     except ValueError as e:
         raise HubError(400, f"the upload is not JSON ({e})") from e
     if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
