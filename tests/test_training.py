@@ -266,10 +266,11 @@ def test_output_errors(work, tmp_path, capsys):
 # -- distributed -----------------------------------------------------------------------------------------------
 
 
-def test_torchrun_two_processes_equal_one(work, tmp_path):
+@pytest.mark.parametrize("batch", [8, 7])  # 7: the processes take 3 and 4 rows
+def test_torchrun_two_processes_equal_one(work, tmp_path, batch):
     """gloo DDP with 2 processes = 1 process with the same global batch; only trainable tensors travel."""
     args = ["--model", str(work / "bert"), "--data", str(work / "train.jsonl"), "--adapter", "lora"]
-    args += ["--max-steps", "4", "--batch-size", "8", "--threads", "1", "--lr", "1e-2", "--set", "r=4"]
+    args += ["--max-steps", "4", "--batch-size", str(batch), "--threads", "1", "--lr", "1e-2", "--set", "r=4"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run([*launcher, "-m", "adapterkit", "train", *args, "--output", str(tmp_path / "ddp")],
                    env=ENV, check=True, capture_output=True)  # fmt: skip

@@ -166,8 +166,9 @@ class Run:
         batch = self.task.collate([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
         self.wrapped.train()
         loss = self.wrapped(**{k: v.to(self.dist.device) for k, v in batch.items()}).loss
-        # Each rank's mean is weighted by its share, so DDP's gradient mean is the global batch mean.
-        (loss * (len(mine) * self.dist.world / len(rows))).backward()
+        # Each rank's mean is weighted by its share, so DDP's gradient mean (and the logged mean) is the global one.
+        loss = loss * (len(mine) * self.dist.world / len(rows))
+        loss.backward()
         if self.config.max_grad_norm:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
         self.optimizer.step()
