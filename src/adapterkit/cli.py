@@ -31,15 +31,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from . import core, fusion
     from .composition import parse_expression, walk
     from .io import inspect_adapter, load_adapter
+    from .training import adapter_folder, is_run, run_config
 
     folders = [_named(value) for value in args.adapter]
     folders = [(name, _pulled(path)) for name, path in folders]
-    runs = [Path(path) / "train_config.json" for _, path in folders if (Path(path) / "train_config.json").is_file()]
-    folders = [(name, _adapter_folder(path)) for name, path in folders]
+    runs = [run_config(path) for _, path in folders if is_run(path)]
+    folders = [(name, str(adapter_folder(path))) for name, path in folders]
     heads = [info["head"] for info in map(inspect_adapter, [path for _, path in folders]) if info["head"]]
     model, tokenizer = _classifier(args.model, _num_labels(heads[-1]) if heads else None)
     if runs:  # an `adapterkit train` output names its labels
-        model.config.id2label = dict(enumerate(json.loads(runs[-1].read_text())["labels"]))
+        model.config.id2label = dict(enumerate(runs[-1]["labels"]))
     names = [load_adapter(model, path, name) for name, path in folders]
     fusions = [fusion.load_fusion(model, path) for path in args.fusion]
     if args.setup:
@@ -71,11 +72,6 @@ def _pulled(path: str) -> str:
     from .hub import pull
 
     return str(pull(path))
-
-
-def _adapter_folder(path: str) -> str:
-    """An adapter folder, or the ``adapter/`` inside an ``adapterkit train`` output."""
-    return str(Path(path) / "adapter") if (Path(path) / "train_config.json").is_file() else path
 
 
 def _named(value: str) -> tuple[str | None, str]:

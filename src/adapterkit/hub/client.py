@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
+from ..files import write_atomically
+from ..training.report import adapter_folder, is_run
 from .safety import TAG, HubError, check_name, check_path
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
@@ -81,7 +83,9 @@ def push(
     task: str | None = None,
 ) -> dict[str, Any]:
     """Upload an adapter folder (or an ``adapterkit train`` output) as a new revision of ``name``."""
-    folder = _adapter_folder(Path(folder))
+    folder = adapter_folder(folder)  # a train output's metrics ride along in the card
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is not a folder")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     skipped = [p for p in files if not p.endswith(SHARED)]
     files = {p: f for p, f in files.items() if p.endswith(SHARED)}
@@ -95,15 +99,6 @@ def push(
     }
     card = json.loads(request("POST", f"{hub_url(hub)}/api/adapters/{name}", payload, token))
     return {**card, "skipped": skipped}
-
-
-def _adapter_folder(folder: Path) -> Path:
-    """``OUT/adapter`` for a train output (its metrics ride along in the card); the folder otherwise."""
-    if (folder / "train_config.json").is_file() and (folder / "adapter").is_dir():
-        return folder / "adapter"
-    if not folder.is_dir():
-        raise AdapterError(f"{folder} is not a folder")
-    return folder
 
 
 def make_card(folder: Path, license: str = "unknown", task: str | None = None) -> dict[str, Any]:
@@ -124,7 +119,7 @@ def make_card(folder: Path, license: str = "unknown", task: str | None = None) -
         "metrics": {},
     }
     run = folder.parent / "metrics.json"
-    if (folder.parent / "train_config.json").is_file() and run.is_file():
+    if is_run(folder.parent) and run.is_file():
         metrics = json.loads(run.read_text())
         card["task"] = task or metrics["task"]
         card["metrics"] = {metrics["selection_metric"]: metrics["best"]}
@@ -193,7 +188,7 @@ def pull(ref: str, hub: str | None = None, token: str | None = None, model=None)
     if not (target / ".card.json").is_file():
         _download(hub, name, meta, target, token)
     (place / "refs").mkdir(parents=True, exist_ok=True)
-    _write_atomically(place / "refs" / rev, meta["revision"].encode())
+    write_atomically(place / "refs" / rev, meta["revision"].encode())
     return target
 
 
@@ -216,7 +211,7 @@ def _download(hub: str, name: str, meta: dict[str, Any], target: Path, token: st
                 )
                 if hashlib.sha256(data).hexdigest() != digest:
                     raise AdapterError(f"{name}/{path}: the downloaded bytes do not match their sha256; pull again")
-                _write_atomically(blob, data)
+                write_atomically(blob, data)
             (tmp / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(blob, tmp / path)
         (tmp / ".card.json").write_text(json.dumps(meta))
@@ -224,13 +219,6 @@ def _download(hub: str, name: str, meta: dict[str, Any], target: Path, token: st
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def check_base(meta: dict[str, Any], model, ref: str) -> None:

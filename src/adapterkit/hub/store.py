@@ -16,13 +16,13 @@ import json
 import os
 import secrets
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomically
 from .safety import HubError, check_content, check_name, check_path, check_tag
 
 SCHEMA = """
@@ -85,18 +85,7 @@ class Store:
         digest = hashlib.sha256(data).hexdigest()
         target = self.blobs / digest
         if not target.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(self.blobs)
+            write_atomically(target, data)
         return digest
 
     def blob(self, digest: str) -> Path:
@@ -208,11 +197,3 @@ class Store:
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,19 +12,30 @@ from typing import Any
 
 from ..errors import AdapterError
 from .loop import TrainConfig, evaluate, load_data, task_model, train
-from .report import compare
+from .report import RUN_CONFIG, adapter_folder, compare, is_run
 from .tables import DataError, read_table
 from .tasks import TASKS
 
-__all__ = ["TASKS", "DataError", "TrainConfig", "compare", "evaluate_output", "read_table", "run_config", "train"]
+__all__ = [
+    "RUN_CONFIG",
+    "TASKS",
+    "DataError",
+    "TrainConfig",
+    "adapter_folder",
+    "compare",
+    "is_run",
+    "evaluate_output",
+    "read_table",
+    "run_config",
+    "train",
+]
 
 
 def run_config(output: str | Path) -> dict[str, Any]:
     """The ``train_config.json`` of a finished (or running) ``adapterkit train`` output folder."""
-    path = Path(output) / "train_config.json"
-    if not path.is_file():
-        raise AdapterError(f"{output} has no train_config.json: not an `adapterkit train` output folder")
-    return json.loads(path.read_text())
+    if not is_run(output):
+        raise AdapterError(f"{output} has no {RUN_CONFIG}: not an `adapterkit train` output folder")
+    return json.loads((Path(output) / RUN_CONFIG).read_text())
 
 
 def evaluate_output(model: str, output: str | Path, data: str, batch_size: int = 64) -> dict[str, float]:
@@ -39,5 +50,5 @@ def evaluate_output(model: str, output: str | Path, data: str, batch_size: int =
         net = task_model(str(Path(output) / "model"), task)
     else:
         net = task_model(model, task)
-        io.load_adapter(net, Path(output) / "adapter", activate=True)
+        io.load_adapter(net, adapter_folder(output), activate=True)
     return evaluate(task, net, examples, tokenizer, batch_size)

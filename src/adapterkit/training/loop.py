@@ -93,7 +93,7 @@ class Run:
         self.ckpt_root = self.out / "checkpoints"
         self._check_output()
         self.task, self.train_set, self.val_set, self.tokenizer = load_data(config)
-        dist.on_main(lambda: report.write_json(self.out / "train_config.json", self._description()))
+        dist.on_main(lambda: report.write_json(self.out / report.RUN_CONFIG, self._description()))
         torch.manual_seed(config.seed)  # the new head's and adapter's initial values
         self.model = build_model(config, self.task).to(dist.device)
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -101,8 +101,8 @@ class Run:
         self.wrapped = dist.wrap(self.model)
         self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.metric = config.metric or self.task.metrics[0]
         if self.metric not in self.task.metrics:
@@ -138,6 +138,7 @@ class Run:
     def fit(self) -> dict[str, Any]:
         bar = tqdm(total=self.total_steps, initial=self.position["step"], disable=not self.dist.main, desc="train")
         while self.position["step"] < self.total_steps and not self.position["stopped"]:
+            self.wrapped.train()  # evaluation at the end of the last epoch left it in eval mode
             batches = epoch_batches(
                 len(self.train_set), self.config.batch_size, self.config.seed, self.position["epoch"]
             )
@@ -164,13 +165,12 @@ class Run:
     def _step(self, rows: list[int]) -> float:
         mine = self.dist.share(rows)
         batch = self.task.collate([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
-        self.wrapped.train()
         loss = self.wrapped(**{k: v.to(self.dist.device) for k, v in batch.items()}).loss
         # Each rank's mean is weighted by its share, so DDP's gradient mean (and the logged mean) is the global one.
         loss = loss * (len(mine) * self.dist.world / len(rows))
         loss.backward()
         if self.config.max_grad_norm:
-            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
+            nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

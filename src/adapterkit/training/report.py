@@ -8,12 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
+from ..files import write_atomically
+
+RUN_CONFIG = "train_config.json"  # marks an `adapterkit train` output folder
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_CONFIG).is_file()
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """The ``adapter/`` inside an ``adapterkit train`` output; any other path as it is."""
+    return Path(path) / "adapter" if is_run(path) else Path(path)
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_all(out: Path, metrics: dict[str, Any], config: dict[str, Any]) -> None:

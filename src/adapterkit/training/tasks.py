@@ -7,6 +7,7 @@ one class and one entry in :data:`TASKS`.
 
 from __future__ import annotations
 
+import abc
 import math
 import wave
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ Example = dict[str, Any]
 IGNORE = -100  # label positions the loss skips (padding, continuation sub-words)
 
 
-class Task:
-    """Base class; ``labels`` is the task's label vocabulary (classes, tags or characters)."""
+class Task(abc.ABC):
+    """A task: ``encode``, ``predict`` and ``score`` are its own; ``labels`` is its label vocabulary
+    (classes, tags or characters)."""
 
     name: ClassVar[str]
     auto_class: ClassVar[str]  # the transformers Auto* class
@@ -36,25 +38,29 @@ class Task:
         self.labels = labels
 
     def fit_labels(self, table: Table) -> None:
-        """Learn the label vocabulary from the training table (no-op for tasks without one)."""
+        """Learn the label vocabulary from the training table (tasks without one keep ``None``)."""
+        self.labels = None
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def encode(self, table: Table, tokenizer) -> list[Example]:
-        raise NotImplementedError
+        """The table's rows as examples: ``input_ids`` (or ``input_values``) and ``labels``."""
 
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         return pad_batch(examples, pad_id)
 
+    @abc.abstractmethod
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Any]:
-        raise NotImplementedError
+        """One prediction per row of ``batch`` (a class, a value, tags, a text, or an NLL sum and count)."""
 
     def gold(self, examples: Sequence[Example]) -> list[Any]:
         return [example["labels"] for example in examples]
 
+    @abc.abstractmethod
     def score(self, predicted: list[Any], gold: list[Any]) -> dict[str, float]:
-        raise NotImplementedError
+        """The task's ``metrics`` from all predictions and their gold values."""
 
     def _label_index(self, table: Table) -> list[int]:
         index = {label: i for i, label in enumerate(self.labels)}
@@ -118,8 +124,7 @@ class Regression(Classification):
     metrics = ("pearson", "mse")
     lower_is_better = frozenset({"mse"})
 
-    def fit_labels(self, table: Table) -> None:
-        self.labels = None
+    fit_labels = Task.fit_labels  # a value, no label vocabulary
 
     def model_kwargs(self):
         return {"num_labels": 1, "problem_type": "regression"}
