@@ -190,9 +190,10 @@ def cmd_hub_token(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push
+    from .hub.client import shown
 
     card = push(args.folder, args.name, args.hub, args.tag, args.token, args.license, args.task)
-    print(f"pushed {args.name} revision {card['revision']} ({', '.join(card['files'])})")
+    print(f"pushed {args.name} revision {card['revision']} ({', '.join(map(shown, card['files']))})")
     if card["skipped"]:
         print(f"not uploaded (only safetensors and JSON are shared): {', '.join(card['skipped'])}")
 
@@ -206,9 +207,12 @@ def cmd_pull(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     from .hub import search
 
+    from .hub.client import shown
+
     for card in search(args.query, args.hub, args.token, method=args.method, task=args.task):
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in (card.get("metrics") or {}).items())
-        print(f"{card['name']}  {card['method']}  {card.get('task') or '-'}  {card['base_model']}  {metrics}")
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in (card["metrics"] or {}).items())
+        fields = (card["name"], card["method"] or "-", card["task"] or "-", card["base_model"] or "-", metrics)
+        print(shown("  ".join(fields)))  # a hub's text never reaches the terminal as escape sequences
 
 
 def cmd_speech_demo(args: argparse.Namespace) -> None:

@@ -189,7 +189,7 @@ def save_fusion(model: nn.Module, name: str, path: str | os.PathLike, *, with_he
     files = {WEIGHTS_FILE: io.adapter_state_dict(model, name)}
     if data["head"]:
         files[io.HEAD_FILE] = {k: p.detach() for k, p in head_parameters(model).items()}
-    return io._write_atomically(Path(path), {CONFIG_FILE: data}, files)
+    return io.write_adapter_folder(Path(path), {CONFIG_FILE: data}, files)
 
 
 def load_fusion(model: nn.Module, path: str | os.PathLike, *, load_head: bool = True, activate: bool = False) -> str:

@@ -1,8 +1,9 @@
 """Save and load one adapter alone: ``adapter_config.json`` + ``adapter.safetensors`` (+ head).
 
 Tensor keys are module paths relative to the backbone (``encoder.layer.0.output.dense.lora_A``),
-so an adapter saved from a model with a task head loads into a bare model and back. Every write
-goes to a temporary folder that is renamed into place: a crash never leaves half an adapter.
+so an adapter saved from a model with a task head loads into a bare model and back. Files are written
+with :func:`adapterkit.files.write_folder`: a crash never leaves half an adapter, and other files in
+the folder are never touched.
 peft and AdapterHub folders are read and written through :mod:`adapterkit.formats`.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +25,7 @@ from . import state as st
 from .arch import model_type
 from .backbone import base_prefix, fingerprint, head_parameters, same_base
 from .errors import AdapterError, AdapterFileError
+from .files import write_folder
 from .formats import adapterhub, peft, pick, read_json, read_tensors
 from .methods import AdapterConfig, config_from_dict
 
@@ -60,7 +60,7 @@ def save_adapter(
     state = core._known(model, name)
     if format in PEERS:
         jsons, tensors = PEERS[format].export(model, name, state.configs[name], with_head)
-        return _write_atomically(Path(path), jsons, tensors)
+        return write_adapter_folder(Path(path), jsons, tensors)
     if format != FORMAT:
         raise AdapterError(f"unknown format {format!r}; choose adapterkit, peft or adapterhub")
     config = {
@@ -78,32 +78,30 @@ def save_adapter(
     files = {WEIGHTS_FILE: adapter_state_dict(model, name)}
     if config["head"]:
         files[HEAD_FILE] = {k: p.detach() for k, p in head_parameters(model).items()}
-    return _write_atomically(Path(path), {CONFIG_FILE: config}, files)
+    return write_adapter_folder(Path(path), {CONFIG_FILE: config}, files)
 
 
-def _write_atomically(path: Path, jsons: dict[str, dict], files: dict[str, dict[str, torch.Tensor]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+def write_adapter_folder(path: Path, jsons: dict[str, dict], files: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write safetensors ``files`` and JSON ``jsons`` into folder ``path`` (see :func:`files.write_folder`):
+    the user's other files there stay, an earlier adapter's files are replaced (its head file goes when
+    this one has none), the config goes last."""
+
+    def fill(tmp: Path) -> None:
         for filename, tensors in files.items():
-            tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-            save_file(tensors, tmp / filename, metadata={"format": "pt"})
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / filename, metadata={"format": "pt"})
         for filename, data in jsons.items():
             (tmp / filename).write_text(json.dumps(data, indent=2) + "\n")
-        for child in tmp.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-        old = path.with_name(f".{path.name}.old") if path.exists() else None
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_folder(Path(path), fill, last=CONFIG_FILE, stale=_own_files(Path(path)))
+
+
+def _own_files(folder: Path) -> list[str]:
+    """The files an adapterkit adapter saved in ``folder`` says are its own (its config names its head)."""
+    try:
+        data = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [HEAD_FILE] if isinstance(data, dict) and data.get("format") == FORMAT and data.get("head") else []
 
 
 def locate(path: Path, name: str | None = None) -> tuple[Path, dict[str, Any], ModuleType | None]:

@@ -1,36 +1,43 @@
 """The hub client: push, pull (into a content-addressed cache), search, and ``hub:`` references.
 
 ``hub:owner/name[@tag|revision]`` resolves against ``$ADAPTERKIT_HUB`` (default
-``http://127.0.0.1:8765``). Pulled files are stored once under
-``$ADAPTERKIT_CACHE/hub/blobs/<sha256>`` (verified on arrival) and linked into
-``hub/<host>/<owner>/<name>/<revision>/``; the tag -> revision map and the card are cached too, so
-an adapter pulled once loads offline.
+``http://127.0.0.1:8765``). A hub is not trusted: every answer is checked against
+:mod:`.protocol`'s schemas, a revision's id is recomputed from its card and manifest (so a pinned
+revision means the same bytes whatever the hub sends), every file is streamed to disk, hashed on the
+way and cut at its declared size, and nothing is written or removed outside the cache, whatever a
+hub answers. Files are stored once under ``$ADAPTERKIT_CACHE/hub/blobs/<sha256>`` and copied into
+``hub/<host>/<owner>/<name>/<revision>/``; tags and cards are cached too, so an adapter pulled once
+loads offline. The token goes to the hub's origin only, never to where a redirect points elsewhere.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..errors import AdapterError
-from ..files import write_atomically
+from ..files import atomic_file, write_atomically, write_folder
 from ..training.report import adapter_folder, is_run
+from .protocol import REVISION, REVISION_PREFIX, Digest, Entry, Key, Stored, Text, parse_json, reason, revision_id
 from .safety import TAG, HubError, check_name, check_path
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
-REVISION = re.compile(r"^[0-9a-f]{64}$")
-REVISION_PREFIX = re.compile(r"^[0-9a-f]{7,64}$")
 SHARED = (".safetensors", ".json")
+MAX_ANSWER = 64 * 2**20  # a JSON answer; a card's fingerprint of a large base is a few MB
+CHUNK = 2**20
 
 
 def hub_url(url: str | None = None) -> str:
@@ -41,35 +48,103 @@ def _token(token: str | None) -> str | None:
     return token or os.environ.get("ADAPTERKIT_HUB_TOKEN")
 
 
-def request(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 60) -> bytes:
-    """One HTTP call; a refusal becomes an AdapterError carrying the hub's reason."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    if _token(token):
-        req.add_header("Authorization", f"Bearer {_token(token)}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as e:
-        try:
-            reason = json.loads(e.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            reason = e.reason
-        raise HubRequestError(e.code, f"hub {url}: {e.code} {reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise HubUnreachable(f"cannot reach the hub at {url}: {getattr(e, 'reason', e)}") from None
-
-
 class HubRequestError(AdapterError):
+    """The hub refused a request (an HTTP error status), with its reason."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
 
 class HubUnreachable(AdapterError):
-    pass
+    """No answer from the hub (refused connection, timeout, broken transfer)."""
+
+
+# -- transport ------------------------------------------------------------------------------------
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+class Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow at most 5 redirects (urllib: to http, https or ftp only); the token stays with the origin it
+    was meant for (urllib would send it on to any host a redirect names)."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and origin(newurl) != origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+OPENER = urllib.request.build_opener(Redirects)
+
+
+def _open(method: str, url: str, data: bytes | None = None, token: str | None = None, timeout: float = 60):
+    """Send one request; an error status becomes :class:`HubRequestError` with the hub's reason."""
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if _token(token):
+        req.add_header("Authorization", f"Bearer {_token(token)}")
+    try:
+        return OPENER.open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise HubRequestError(e.code, f"hub {url}: {e.code} {_refusal(e)}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        raise HubUnreachable(f"cannot reach the hub at {url}: {getattr(e, 'reason', e)}") from None
+
+
+def _refusal(error: urllib.error.HTTPError) -> str:
+    """The hub's ``{"error": reason}`` (bounded, printable), else the status line's reason."""
+    try:
+        said = json.loads(error.read(64 * 1024))["error"]
+    except (ValueError, KeyError, TypeError, RecursionError, OSError, http.client.HTTPException):
+        said = error.reason
+    return shown(str(said))[:500]
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences) written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def read_bounded(response, limit: int, url: str, sink: Callable[[bytes], None] | None = None) -> bytes:
+    """Read a body of at most ``limit`` bytes, refusing more before it is read; with ``sink``, stream
+    it there chunk by chunk instead of returning it."""
+    declared = response.headers.get("Content-Length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise AdapterError(f"{url}: the hub announced {shown(declared)[:30]} bytes where at most {limit} fit")
+    chunks, size = [], 0
+    try:
+        while chunk := response.read(min(CHUNK, limit - size + 1)):
+            size += len(chunk)
+            if size > limit:
+                raise AdapterError(f"{url}: the hub sent more than the {limit} bytes expected; refused")
+            sink(chunk) if sink else chunks.append(chunk)
+    except (OSError, http.client.HTTPException) as e:
+        raise HubUnreachable(f"the transfer from {url} broke off: {e}") from None
+    return b"".join(chunks)
+
+
+def request(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 60) -> bytes:
+    """One HTTP call with a bounded answer; a refusal becomes an AdapterError carrying the hub's reason."""
+    data = json.dumps(body).encode() if body is not None else None
+    with _open(method, url, data, token, timeout) as response:
+        return read_bounded(response, MAX_ANSWER, url)
+
+
+def call(method: str, url: str, token: str | None, schema: Any, body: Any = None) -> Any:
+    """A JSON answer, checked against ``schema`` (a pydantic model or TypeAdapter)."""
+    raw = request(method, url, body, token)
+    try:
+        data = parse_json(raw, f"the answer of {url}")
+        return schema.validate_python(data) if isinstance(schema, TypeAdapter) else schema.model_validate(data)
+    except (ValueError, ValidationError) as e:
+        detail = reason(e) if isinstance(e, ValidationError) else str(e)
+        raise AdapterError(f"the hub at {url} answered with something that does not fit: {shown(detail)}") from None
 
 
 # -- push -----------------------------------------------------------------------------------------
@@ -97,8 +172,8 @@ def push(
         "card": make_card(folder, license=license, task=task),
         "tags": list(tags or []),
     }
-    card = json.loads(request("POST", f"{hub_url(hub)}/api/adapters/{name}", payload, token))
-    return {**card, "skipped": skipped}
+    card = call("POST", f"{hub_url(hub)}/api/adapters/{name}", token, Stored, payload)
+    return {**card.model_dump(mode="json"), "skipped": skipped}
 
 
 def make_card(folder: Path, license: str = "unknown", task: str | None = None) -> dict[str, Any]:
@@ -126,22 +201,70 @@ def make_card(folder: Path, license: str = "unknown", task: str | None = None) -
     return card
 
 
+# -- what a hub answers -------------------------------------------------------------------------
+class Answer(Stored):
+    """The card route's answer: a stored card, the adapter's name and its revisions."""
+
+    name: Text | None = None
+    history: list[Digest] = []
+
+
+class Summary(BaseModel):
+    """One search result."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: Text
+    revision: Digest
+    method: Key | None = None
+    task: Key | None = None
+    base_model: Text | None = None
+    model_type: Key | None = None
+    params: Annotated[int, Field(ge=0)] | None = None
+    metrics: dict[Key, float] | None = None
+    license: Key | None = None
+
+
+class Lfs(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    oid: Digest
+    size: Annotated[int, Field(ge=0)]
+
+
+class TreeEntry(BaseModel):
+    """One file in the hub's answer to ``/api/models/{name}/tree/{rev}`` (the HF protocol)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    path: Annotated[str, Field(max_length=600)]
+    size: Annotated[int, Field(ge=0)]
+    lfs: Lfs
+
+
+class Deleted(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    deleted: Text
+    revisions: Annotated[int, Field(ge=0)]
+
+
+TREE = TypeAdapter(Annotated[list[TreeEntry], Field(max_length=1000)])
+SEARCH = TypeAdapter(Annotated[list[Summary], Field(max_length=100_000)])
+
+
 # -- pull -----------------------------------------------------------------------------------------
 def parse_ref(ref: str) -> tuple[str, str]:
     """``[hub:]owner/name[@rev]`` -> ``("owner/name", rev or "latest")``; both checked (they name cache paths)."""
-    name, _, rev = ref.removeprefix("hub:").partition("@")
+    name, at, rev = ref.removeprefix("hub:").partition("@")
     _checked(check_name, name)
-    rev = rev or "latest"
-    if not (TAG.match(rev) or REVISION_PREFIX.match(rev)):
-        raise AdapterError(f"bad revision {rev!r} in {ref!r}: a tag or a hex revision id")
+    rev = rev if at else "latest"
+    if not (TAG.fullmatch(rev) or REVISION_PREFIX.fullmatch(rev)):
+        raise AdapterError(f"bad revision {shown(rev)!r} in {shown(ref)!r}: a tag or a hex revision id")
     return name, rev
 
 
-def _checked(check, value: str) -> None:
+def _checked(check: Callable[[str], None], value: str) -> None:
     try:
         check(value)
     except HubError as e:
-        raise AdapterError(e.reason) from None
+        raise AdapterError(shown(e.reason)) from None
 
 
 def cache_root() -> Path:
@@ -151,8 +274,12 @@ def cache_root() -> Path:
 
 
 def _place(hub: str, name: str) -> Path:
-    host = urllib.parse.urlsplit(hub).netloc.replace(":", "_")
-    return cache_root() / host / name
+    """The cache folder of ``name`` on ``hub``: host and port as one plain folder name."""
+    scheme, host, port = origin(hub)
+    folder = f"{host}_{port}" if port else host
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,252}", folder):  # an IPv6 literal, or a hostile URL
+        folder = "h-" + hashlib.sha256(hub.encode()).hexdigest()[:16]
+    return cache_root() / folder / name
 
 
 def card(ref: str, hub: str | None = None, token: str | None = None) -> dict[str, Any]:
@@ -160,65 +287,98 @@ def card(ref: str, hub: str | None = None, token: str | None = None) -> dict[str
     hub, (name, rev) = hub_url(hub), parse_ref(ref)
     place = _place(hub, name)
     try:
-        got = json.loads(request("GET", f"{hub}/api/adapters/{name}?rev={urllib.parse.quote(rev)}", token=token))
+        meta = call("GET", f"{hub}/api/adapters/{name}?rev={urllib.parse.quote(rev)}", token, Answer)
     except HubUnreachable:
         cached = _cached_revision(place, rev)
         if cached is None:
             raise
-        return json.loads((place / cached / ".card.json").read_text())
-    return got
+        meta = _cached_card(place / cached)
+    if _is_revision(rev) and not meta.revision.startswith(rev):
+        raise AdapterError(f"asked the hub for revision {rev}, it answered with {meta.revision}: refused")
+    return meta.model_dump(mode="json")
+
+
+def _is_revision(rev: str) -> bool:
+    """A hex string names a revision (tags cannot be hex strings)."""
+    return REVISION_PREFIX.fullmatch(rev) is not None
+
+
+def _cached_card(folder: Path) -> Answer:
+    return Answer.model_validate_json((folder / ".card.json").read_bytes())
 
 
 def _cached_revision(place: Path, rev: str) -> str | None:
+    """The revision id that ``rev`` named when it was last pulled (a tag), or the one it prefixes."""
     ref = place / "refs" / rev
-    if ref.is_file():
-        return ref.read_text().strip()
-    matches = [p.name for p in place.glob(f"{rev}*") if (p / ".card.json").is_file()] if len(rev) >= 7 else []
+    if ref.is_file() and REVISION.fullmatch(found := ref.read_text().strip()):
+        return found
+    if not _is_revision(rev) or not place.is_dir():
+        return None
+    matches = [p.name for p in place.iterdir() if p.name.startswith(rev) and (p / ".card.json").is_file()]
     return matches[0] if len(matches) == 1 else None
 
 
 def pull(ref: str, hub: str | None = None, token: str | None = None, model=None) -> Path:
-    """Download ``ref`` into the cache and return its folder; ``model``: check the base first."""
+    """Download ``ref`` into the cache, verified, and return its folder; ``model``: check the base first."""
     hub, (name, rev) = hub_url(hub), parse_ref(ref)
-    meta = card(ref, hub, token)
+    meta = Answer.model_validate(card(ref, hub, token))
     if model is not None:
-        check_base(meta, model, ref)
+        check_base(meta.model_dump(mode="json"), model, ref)
     place = _place(hub, name)
-    target = place / meta["revision"]
+    target = place / meta.revision  # a verified 64-hex id: no path can come out of it
     if not (target / ".card.json").is_file():
-        _download(hub, name, meta, target, token)
+        manifest = _manifest(hub, name, meta, token)
+        blobs = [_blob(hub, name, meta.revision, path, entry, token) for path, entry in manifest.items()]
+        write_folder(target, lambda tmp: _fill(tmp, dict(zip(manifest, blobs, strict=True)), meta))
     (place / "refs").mkdir(parents=True, exist_ok=True)
-    write_atomically(place / "refs" / rev, meta["revision"].encode())
+    write_atomically(place / "refs" / rev, meta.revision.encode())
     return target
 
 
-def _download(hub: str, name: str, meta: dict[str, Any], target: Path, token: str | None) -> None:
+def _manifest(hub: str, name: str, meta: Answer, token: str | None) -> dict[str, Entry]:
+    """The revision's files, checked: plain relative paths, and the revision id they and the card hash to."""
+    tree = call("GET", f"{hub}/api/models/{name}/tree/{meta.revision}", token, TREE)
+    manifest = {}
+    for entry in tree:
+        _checked(check_path, entry.path)  # a hub is not trusted with paths on this disk
+        if entry.path in manifest or entry.lfs.size != entry.size:
+            raise AdapterError(f"the hub listed {shown(entry.path)!r} of {name} twice or with two sizes: refused")
+        manifest[entry.path] = Entry(sha256=entry.lfs.oid, size=entry.size)
+    computed = revision_id(meta.card(), manifest)
+    if computed != meta.revision:
+        raise AdapterError(
+            f"{name}: the hub's revision {meta.revision} does not match its card and files (they hash to "
+            f"{computed}); the hub is broken or was tampered with: refused"
+        )
+    return manifest
+
+
+def _blob(hub: str, name: str, revision: str, path: str, entry: Entry, token: str | None) -> Path:
+    """The cached file with ``entry``'s sha256, downloaded (streamed, hashed, cut at its size) if absent."""
     blobs = cache_root() / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=target.parent))
-    try:
-        manifest = json.loads(request("GET", f"{hub}/api/models/{name}/tree/{meta['revision']}", token=token))
-        for entry in manifest:
-            digest, path = entry["lfs"]["oid"], entry["path"]
-            _checked(check_path, path)  # a hub is not trusted with paths on this disk
-            if not REVISION.match(digest):
-                raise AdapterError(f"{name}/{path}: the hub sent a malformed sha256 {digest!r}")
-            blob = blobs / digest
-            if not blob.is_file():
-                data = request(
-                    "GET", f"{hub}/{name}/resolve/{meta['revision']}/{urllib.parse.quote(path)}", token=token
-                )
-                if hashlib.sha256(data).hexdigest() != digest:
-                    raise AdapterError(f"{name}/{path}: the downloaded bytes do not match their sha256; pull again")
-                write_atomically(blob, data)
-            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(blob, tmp / path)
-        (tmp / ".card.json").write_text(json.dumps(meta))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    blob = blobs / entry.sha256
+    if blob.is_file() and blob.stat().st_size == entry.size:
+        return blob
+    url = f"{hub}/{name}/resolve/{revision}/{urllib.parse.quote(path)}"
+    digest = hashlib.sha256()
+    with _open("GET", url, token=token) as response, atomic_file(blob) as f:
+
+        def sink(chunk: bytes) -> None:
+            digest.update(chunk)
+            f.write(chunk)
+
+        read_bounded(response, entry.size, url, sink)
+        if f.tell() != entry.size or digest.hexdigest() != entry.sha256:
+            raise AdapterError(f"{name}/{path}: the downloaded bytes do not match their size and sha256; pull again")
+    return blob
+
+
+def _fill(tmp: Path, files: dict[str, Path], meta: Answer) -> None:
+    for path, blob in files.items():
+        (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(blob, tmp / path)
+    (tmp / ".card.json").write_text(meta.model_dump_json())
 
 
 def check_base(meta: dict[str, Any], model, ref: str) -> None:
@@ -231,9 +391,12 @@ def check_base(meta: dict[str, Any], model, ref: str) -> None:
 
 
 def search(query: str = "", hub: str | None = None, token: str | None = None, **fields: str) -> list[dict]:
+    """Adapters on the hub whose card matches ``query`` and every given field (method, task, base_model)."""
     params = urllib.parse.urlencode({"q": query, **{k: v for k, v in fields.items() if v}})
-    return json.loads(request("GET", f"{hub_url(hub)}/api/adapters?{params}", token=token))
+    found = call("GET", f"{hub_url(hub)}/api/adapters?{params}", token, SEARCH)
+    return [s.model_dump(mode="json") for s in found]
 
 
 def delete(name: str, hub: str | None = None, token: str | None = None) -> dict[str, Any]:
-    return json.loads(request("DELETE", f"{hub_url(hub)}/api/adapters/{name}", token=token))
+    """Delete every revision of ``name`` (the token must be its owner's)."""
+    return call("DELETE", f"{hub_url(hub)}/api/adapters/{name}", token, Deleted).model_dump()

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..data import cache_dir
 from ..errors import AdapterError
+from ..files import atomic_file
 
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029")
 VARIANTS = ("m1", "m3", "m7", "f1", "f3", "f5")
@@ -144,9 +145,8 @@ def load(task: str, split: str, seed: int = 0, limit: int | None = None) -> tupl
     rng = random.Random(f"{seed}-{task}-{split}")
     audio = [synthesise(text, s, style, rng.uniform(10, 30), rng.randrange(2**31)) for text, s, style, _ in chosen]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{f"a{i}": a for i, a in enumerate(audio)})
-    tmp.rename(path)  # whole or not at all
+    with atomic_file(path) as f:  # whole or not at all
+        np.savez(f, **{f"a{i}": a for i, a in enumerate(audio)})
     return audio, [label for *_, label in chosen]
 
 

@@ -1,17 +1,15 @@
 """Resumable training state on disk, written so that a kill at any moment leaves a good checkpoint.
 
 A checkpoint is a folder ``step-00000123`` (trainable tensors, optimizer tensors, RNG states as
-safetensors; counters, scheduler and history as JSON), written in a temporary folder, fsynced and
-renamed; only then does ``latest.json`` (replaced atomically) point at it, and older folders go.
+safetensors; counters, scheduler and history as JSON), written with :func:`adapterkit.files.write_folder`
+(whole or not at all); only then does ``latest.json`` (replaced atomically) point at it, and older folders go.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import AdapterError
+from ..files import atomic_file, write_folder
 
 POINTER = "latest.json"
 
@@ -29,40 +28,35 @@ class CheckpointError(AdapterError):
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write and fsync one file (the one place checkpoint bytes reach the disk)."""
-    with open(path, "wb") as f:
+    """Write one file whole or not at all (the one place checkpoint bytes reach the disk)."""
+    with atomic_file(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
     """Write ``tensors`` (file name -> tensors) and ``state`` as checkpoint ``step`` under ``root``."""
     final = root / f"step-{step:08d}"
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+
+    def fill(tmp: Path) -> None:
         for filename, group in tensors.items():
             write_bytes(tmp / filename, _safetensors_bytes(group))
         write_bytes(tmp / "state.json", json.dumps(state).encode())
-        shutil.rmtree(final, ignore_errors=True)  # a complete copy of the same step, from before a resume
-        tmp.rename(final)
-        pointer = root / f".{POINTER}.tmp"
-        write_bytes(pointer, json.dumps({"checkpoint": final.name, "step": step}).encode())
-        os.replace(pointer, root / POINTER)
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        write_folder(final, fill)  # a complete copy of the same step, from before a resume, is replaced whole
+        write_bytes(root / POINTER, json.dumps({"checkpoint": final.name, "step": step}).encode())
     except OSError as e:
         last = latest(root)
-        for partial in (tmp, final if final != last else None):
-            if partial is not None:
-                shutil.rmtree(partial, ignore_errors=True)
+        if final != last:
+            shutil.rmtree(final, ignore_errors=True)
         kept = f"the last good checkpoint ({last.name}) is intact" if last else "no earlier checkpoint exists"
         raise CheckpointError(
             f"could not write checkpoint step {step} in {root}: {e.strerror or e}; {kept}; "
             "free space or fix permissions, then rerun with --resume"
         ) from e
-    for old in root.iterdir():
-        if old.is_dir() and old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
+    for old in root.iterdir():  # older checkpoints and what a killed run left half-written (all ours)
+        if old.is_dir() and old != final and old.name.startswith(("step-", ".step-", ".tmp-")):
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from .. import core, io
 from ..errors import AdapterError
+from ..files import write_folder
 from . import checkpoint as ck
 from . import report
 from .distributed import Distributed
@@ -200,11 +200,12 @@ class Run:
         if not self.config.full_finetune:
             io.save_adapter(self.model, ADAPTER, self.out / "adapter")
             return
-        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.out))
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(self.out / "model", ignore_errors=True)
-        tmp.rename(self.out / "model")
+
+        def fill(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        write_folder(self.out / "model", fill)
 
     def _finish(self, examples_per_s: float) -> dict[str, Any]:
         if not self.val_set:
