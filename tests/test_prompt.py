@@ -67,7 +67,7 @@ def test_init_from_text_and_vocab():
             return {"input_ids": [ord(c) % 100 for c in text]}
 
     config = ak.PromptConfig.from_text(Tokenizer(), "ab", prompt_length=5)
-    assert config.init_token_ids == [97, 98, 97, 98, 97]
+    assert config.init_token_ids == (97, 98, 97, 98, 97)
     ak.add_adapter(model, "t", config)
     prompt = model.transformer.wte.adapterkit["t"].prompt_embedding
     torch.testing.assert_close(prompt, model.transformer.wte.weight[[97, 98, 97, 98, 97]])

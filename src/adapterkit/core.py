@@ -52,10 +52,7 @@ def add_adapter(
         )
     if state.fingerprint is None:
         state.fingerprint = fingerprint(model)  # before any merge can change the weights
-    placements = config.build(model, arch)
-    for path, module in placements:
-        st.attach(model.get_submodule(path), name, module, state)
-    _route_functional_attention(model, arch)
+    _build(model, name, config, arch, state)
     state.configs[name] = config
     state.checked.clear()
     if activate:
@@ -63,17 +60,34 @@ def add_adapter(
     return config
 
 
-def _route_functional_attention(model: nn.Module, arch: ArchSpec | None) -> None:
-    """WavLM-like attention: where adapters sit in it, make its projections run as modules."""
+def _build(model: nn.Module, name: str, config: AdapterConfig, arch: ArchSpec | None, state: st.State) -> None:
+    """Place the adapter's modules; what its method changes outside them is recorded as owned by ``name``.
+    If anything fails, the model is left as it was."""
+    state.building = name
+    try:
+        for path, module in config.build(model, arch):
+            st.attach(model.get_submodule(path), name, module, state)
+        _route_functional_attention(model, name, arch)
+    except BaseException:
+        for host, _ in list(st.adapter_modules(model, name)):
+            st.detach(host, name)
+        st.release(model, name)
+        raise
+    finally:
+        state.building = None
+
+
+def _route_functional_attention(model: nn.Module, name: str, arch: ArchSpec | None) -> None:
+    """WavLM-like attention: where adapter ``name`` sits in it, make its projections run as modules."""
     try:
         spec = spec_for(model, arch)
     except ArchitectureError:  # LoRA with target_modules on an architecture outside the table
         return
     if spec.functional_attention:
-        for _, layer in find_layers(model, spec):
+        for path, layer in find_layers(model, spec):
             attention = layer.get_submodule(spec.attn_in)
-            if any(isinstance(m, st.Slot) for m in attention.modules()):
-                mha.install(attention)
+            if any(isinstance(m, st.Slot) and name in m for m in attention.modules()):
+                st.change(model, f"route:{path}.{spec.attn_in}", lambda a=attention: mha.install(a))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -88,6 +102,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         st.detach(host, name)
     del state.configs[name]
     state.checked.clear()
+    st.release(model, name)
     if name in state.active.names():  # a plain stack loses the name; any other setup is switched off
         kept = [n for n in state.active.children if n != name]
         plain = isinstance(state.active, co.Stack) and all(isinstance(n, str) for n in kept)

@@ -34,7 +34,7 @@ CONFIG_FILE = "adapter_fusion_config.json"
 WEIGHTS_FILE = "model_adapter_fusion.safetensors"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FusionConfig:
     """Which projections the fusion attention learns (AdapterHub's ``AdapterFusionConfig`` names)."""
 
@@ -44,6 +44,13 @@ class FusionConfig:
     value_initialized: bool = True
     regularization: bool = True
     dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        flags = (self.key, self.query, self.value, self.value_initialized, self.regularization)
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ConfigError(f"key, query, value, value_initialized and regularization are booleans: {self}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"fusion dropout must be in [0, 1) or None, got {self.dropout}")
 
     @classmethod
     def resolve(cls, config: str | FusionConfig | dict) -> FusionConfig:

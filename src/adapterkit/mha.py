@@ -13,6 +13,7 @@ point). Without adapters the outputs equal the original's to rounding.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ def _with_prefixes(module: nn.Module, q, k, v, padding, bias):
     return torch.cat([keys, k], 1), torch.cat([values, v], 1), torch.cat([~visible, padding], 1), bias
 
 
-def install(attention: nn.Module) -> None:
-    """Route ``attention``'s projections through their modules (idempotent)."""
-    if METHOD not in attention.__dict__:
-        setattr(attention, METHOD, types.MethodType(projected_attention, attention))
+def install(attention: nn.Module) -> Callable[[], None]:
+    """Route ``attention``'s projections through their modules; returns what undoes it."""
+    setattr(attention, METHOD, types.MethodType(projected_attention, attention))
+    return lambda: delattr(attention, METHOD)

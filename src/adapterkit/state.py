@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -28,9 +28,18 @@ SLOT = "adapterkit"
 _OVERRIDE: ContextVar[dict[int, co.Block] | None] = ContextVar("adapterkit_active", default=None)
 
 
+@dataclasses.dataclass
+class Change:
+    """A change to the model outside adapterkit's slots: what undoes it, and the adapters that need it."""
+
+    undo: Callable[[], None]
+    users: set[str]
+
+
 @dataclasses.dataclass(eq=False)
 class State:
-    """Adapters of one model: configs, fusions, the active setup, merged adapters, the base fingerprint."""
+    """Adapters of one model: configs, fusions, the active setup, merged adapters, the base fingerprint,
+    and the changes methods made to the model outside their slots (undone when no adapter needs them)."""
 
     configs: dict[str, Any] = dataclasses.field(default_factory=dict)
     fusions: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -38,6 +47,8 @@ class State:
     merged: set[str] = dataclasses.field(default_factory=set)
     fingerprint: str | None = None
     checked: set[co.Block] = dataclasses.field(default_factory=set)  # setups found valid; cleared on change
+    changes: dict[str, Change] = dataclasses.field(default_factory=dict)
+    building: str | None = None  # the adapter whose placements are being made: it owns the changes made now
 
     def current(self) -> co.Block:
         """The active setup here and now (a ``ContextVar`` override wins)."""
@@ -127,6 +138,39 @@ def get_state(model: nn.Module, create: bool = False) -> State:
         state = model.__dict__["_adapterkit_state"] = State()
         model.register_forward_pre_hook(state.replicate, with_kwargs=True)
     return state
+
+
+def forget(model: nn.Module) -> None:
+    """Remove adapterkit's state and its model hook: the model is as it was before the first adapter."""
+    state = model.__dict__.pop("_adapterkit_state", None)
+    if state is not None:
+        _ensure_hook(model, model._forward_pre_hooks, state.replicate, False)
+
+
+def change(model: nn.Module, key: str, apply: Callable[[], Callable[[], None]]) -> None:
+    """Change ``model`` outside adapterkit's slots, once per ``key``: ``apply()`` makes the change and returns
+    what undoes it. Called while an adapter is built (``State.building``); the change lasts as long as
+    an adapter built with it remains (:func:`release`), so deleting adapters restores the model exactly."""
+    state = get_state(model)
+    if state.building is None:
+        raise AdapterError(f"change {key!r} to the model was made outside an adapter's build(); make it there")
+    if key not in state.changes:
+        state.changes[key] = Change(apply(), set())
+    state.changes[key].users.add(state.building)
+
+
+def release(model: nn.Module, name: str) -> None:
+    """Undo, newest first, the changes that no adapter but ``name`` needed; with no adapter or fusion
+    left, adapterkit's state goes too."""
+    state = get_state(model)
+    for key in reversed(list(state.changes)):
+        entry = state.changes[key]
+        entry.users.discard(name)
+        if not entry.users:
+            entry.undo()
+            del state.changes[key]
+    if not state.configs and not state.fusions:
+        forget(model)
 
 
 def attach(host: nn.Module, name: str, adapter: nn.Module, state: State) -> None:

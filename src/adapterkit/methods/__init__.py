@@ -90,9 +90,7 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     method = data.pop("method", None)
     if method not in METHODS:
         raise ConfigError(f"unknown adapter method {method!r}; known: {', '.join(METHODS)}")
-    config = METHODS[method].from_dict(data)
-    config.validate()
-    return config
+    return METHODS[method].from_dict(data)  # validated when built
 
 
 __all__ = [

@@ -88,11 +88,21 @@ class AdapterModule(nn.Module):
         return type(self).merge is not AdapterModule.merge
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AdapterConfig(abc.ABC):
-    """Base of every method's config. Fields are plain JSON values."""
+    """Base of every method's config: a frozen value of plain JSON fields, validated when built.
+
+    Change one with :meth:`replace` (``ak.PRESETS`` can be shared safely: nobody can alter them)."""
 
     method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """Lists become tuples (a config is a value: hashable, never changed in place), then validate."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                object.__setattr__(self, field.name, tuple(value))
+        self.validate()
 
     def validate(self) -> None:  # noqa: B027 - optional hook; most methods check their fields
         """Raise :class:`ConfigError` for a value the method cannot use."""
@@ -102,7 +112,9 @@ class AdapterConfig(abc.ABC):
         """Create the adapter modules and say where each goes (full module paths)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """Plain JSON values (tuples as lists), with the method's name."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
@@ -119,9 +131,7 @@ class AdapterConfig(abc.ABC):
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown field(s) {unknown} for a {self.method} adapter; valid fields: {sorted(names)}")
-        config = dataclasses.replace(self, **overrides)
-        config.validate()
-        return config
+        return dataclasses.replace(self, **overrides)  # validated by __post_init__
 
 
 def check(condition: bool, message: str) -> None:

@@ -262,7 +262,7 @@ class ParallelAdapter(_Site):
         return map_hidden(out, lambda s: s + fusion(source, [m.bottleneck(source) for m in modules]))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class BottleneckConfig(AdapterConfig):
     """Bottleneck adapter config; field names and defaults follow AdapterHub's ``BnConfig``.
 
@@ -284,7 +284,7 @@ class BottleneckConfig(AdapterConfig):
     scaling: float = 1.0
     init_weights: str = "bert"
     dropout: float = 0.0
-    leave_out: list[int] = dataclasses.field(default_factory=list)
+    leave_out: tuple[int, ...] = ()
     phm_layer: bool = False
     phm_dim: int = 4
     phm_rank: int = 1

@@ -71,12 +71,12 @@ def layer_range(layers: list[int] | None, count: int) -> list[int]:
     return sorted(set(chosen))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class BranchConfig(AdapterConfig):
     """Fields shared by the E- and L-adapters: the branch width, the layers (indices; None = all), the init."""
 
     bottleneck_size: int = 256
-    layers: list[int] | None = None
+    layers: tuple[int, ...] | None = None
     init_std: float = 1e-3
 
     def validate(self) -> None:
@@ -84,7 +84,7 @@ class BranchConfig(AdapterConfig):
         check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EAdapterConfig(BranchConfig):
     """E-adapter: ``bottleneck_size`` 256, in ``layers`` (indices; None = every encoder layer)."""
 

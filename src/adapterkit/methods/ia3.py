@@ -105,14 +105,14 @@ def _refuse_zeros(vector: torch.Tensor) -> None:
         raise AdapterError("an IA3 vector holds zeros: merging it could not be undone; keep it unmerged")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class IA3Config(AdapterConfig):
     """IA3 config. ``convention`` picks the table's targets; the module lists override them."""
 
     method = "ia3"
     convention: str = "peft"
-    target_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
+    target_modules: tuple[str, ...] | str | None = None
+    feedforward_modules: tuple[str, ...] | str | None = None
 
     def validate(self) -> None:
         check(

@@ -79,7 +79,7 @@ class LCombine(AdapterModule):
         return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LAdapterConfig(BranchConfig):
     """L-adapter: ``bottleneck_size`` 512, from ``layers`` (indices; None = every encoder layer)."""
 

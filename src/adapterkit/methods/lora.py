@@ -211,7 +211,7 @@ def make_lora(host: nn.Module, config: LoRAConfig) -> AdapterModule:
     return LoRAEmbedding(host, config) if isinstance(host, nn.Embedding) else LoRAConv(host, config)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
     """LoRA config, peft's field names. ``target_modules`` None = the architecture's default.
 
@@ -223,7 +223,7 @@ class LoRAConfig(AdapterConfig):
     r: int = 8
     alpha: float = 8
     dropout: float = 0.0
-    target_modules: list[str] | str | None = None
+    target_modules: tuple[str, ...] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
     init_weights: str = "kaiming"

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .. import state as st
 from ..arch import ArchSpec, spec_for
 from ..backbone import base_prefix
 from ..state import SLOT
@@ -50,15 +52,26 @@ def _lengths(self: nn.Module, *args, **kwargs):
 
 
 def _count_frames(model: nn.Module, features: str) -> None:
-    """Make ``model`` (and its backbone) count the pseudo-frames in its frame lengths."""
+    """Make ``model`` (and its backbone) count the pseudo-frames in its frame lengths, while a P-adapter
+    needs it (:func:`adapterkit.state.change`)."""
     prefix = base_prefix(model)
-    for owner, path in ((model, prefix + features), (model.get_submodule(prefix[:-1]) if prefix else None, features)):
-        if owner is not None and hasattr(owner, LENGTHS):
+    pairs = ((model, prefix + features), (model.get_submodule(prefix[:-1]) if prefix else None, features))
+    owners = [(owner, path) for owner, path in pairs if owner is not None and hasattr(owner, LENGTHS)]
+
+    def undo() -> None:
+        for owner, _ in owners:
+            del owner._adapterkit_features, owner._get_feat_extract_output_lengths
+
+    def apply() -> Callable[[], None]:
+        for owner, path in owners:
             owner._adapterkit_features = path
             setattr(owner, LENGTHS, types.MethodType(_lengths, owner))
+        return undo
+
+    st.change(model, "p-adapter-frames", apply)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PAdapterConfig(AdapterConfig):
     """P-adapter: ``prefix_length`` pseudo-frames prepended to the convolutional features."""
 

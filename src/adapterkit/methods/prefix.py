@@ -23,11 +23,13 @@ import dataclasses
 import functools
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import state as st
 from ..arch import ArchSpec, find_layers, spec_for
 from ..backbone import base_prefix
 from ..errors import ConfigError
@@ -220,13 +222,16 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
 
 
 def use_prefix_attention(model: nn.Module) -> None:
-    """Switch ``model`` to adapterkit's attention functions (a pass-through without prefixes)."""
+    """Switch ``model`` to adapterkit's attention functions (a pass-through without prefixes), for as
+    long as a prefix adapter needs them (:func:`adapterkit.state.change`)."""
+    st.change(model, "prefix-attention", lambda: _switch_attention(model))
+
+
+def _switch_attention(model: nn.Module) -> Callable[[], None]:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask, sdpa_mask
 
     current = model.config._attn_implementation
-    if current.startswith("adapterkit_"):
-        return
     if current not in ("sdpa", "eager") or not model._can_set_attn_implementation():
         raise ConfigError(
             f"prefix tuning needs sdpa or eager attention through transformers' AttentionInterface; "
@@ -236,6 +241,7 @@ def use_prefix_attention(model: nn.Module) -> None:
         AttentionInterface.register(f"adapterkit_{name}", functools.partial(prefix_attention, base=name))
         AttentionMaskInterface.register(f"adapterkit_{name}", mask)
     model.set_attn_implementation(f"adapterkit_{current}")
+    return lambda: model.set_attn_implementation(current)
 
 
 def attention_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -247,7 +253,7 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int]:
     return config.hidden_size, kv_heads, head_dim
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PrefixConfig(AdapterConfig):
     """Prefix tuning config; AdapterHub's ``PrefixTuningConfig`` names and defaults."""
 

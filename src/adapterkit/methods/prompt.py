@@ -178,14 +178,14 @@ class PromptStrip(_PromptPart):
         return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PromptConfig(AdapterConfig):
     """Prompt tuning config (AdapterHub's ``prompt_length`` default of 10)."""
 
     method = "prompt"
     prompt_length: int = 10
     init: str = "random"
-    init_token_ids: list[int] | None = None
+    init_token_ids: tuple[int, ...] | None = None
 
     @classmethod
     def from_text(cls, tokenizer, text: str, prompt_length: int = 10) -> PromptConfig:

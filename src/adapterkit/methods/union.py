@@ -17,19 +17,18 @@ from ..arch import ArchSpec
 from .base import AdapterConfig, AdapterModule, check
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class UnionConfig(AdapterConfig):
     """Several method configs trained, saved and activated as one adapter."""
 
     method = "union"
-    configs: list[AdapterConfig] = dataclasses.field(default_factory=list)
+    configs: tuple[AdapterConfig, ...] = ()
 
     def validate(self) -> None:
         check(len(self.configs) >= 2, "a union needs at least two configs")
         for config in self.configs:
             check(isinstance(config, AdapterConfig), f"a union holds configs, not {type(config).__name__}")
             check(not isinstance(config, UnionConfig), "unions do not nest; list the parts in one union")
-            config.validate()
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         return [placement for config in self.configs for placement in config.build(model, arch)]
@@ -44,11 +43,9 @@ class UnionConfig(AdapterConfig):
         return cls([config_from_dict(part) for part in data["configs"]])
 
     def baked(self) -> UnionConfig:
-        return UnionConfig([getattr(c, "baked", lambda c=c: c)() for c in self.configs])
+        return UnionConfig(tuple(getattr(c, "baked", lambda c=c: c)() for c in self.configs))
 
 
 def union(*configs: AdapterConfig) -> UnionConfig:
     """``ak.union(ak.PrefixConfig(...), ak.BottleneckConfig(...))``: one adapter of several methods."""
-    config = UnionConfig(list(configs))
-    config.validate()
-    return config
+    return UnionConfig(configs)
