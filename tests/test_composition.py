@@ -5,13 +5,13 @@ import threading
 
 import pytest
 import torch
-from test_methods import PRESETS, UNSUPPORTED
 
 import adapterkit as ak
 from adapterkit.errors import AdapterError, ConfigError
 from adapterkit.methods import bottleneck, ia3, lora, prefix, prompt
 
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
+from test_methods import PRESETS, UNSUPPORTED
 
 ROWS = ["a", None, "b", "a"]
 WHOLE_BATCH = ("unipelt", "l_adapter", "el", "p_adapter", "elp")  # refused in PerRow (test below)

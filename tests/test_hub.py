@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 import adapterkit as ak
 from adapterkit import cli
-from adapterkit.hub import client
+from adapterkit.hub import client, protocol
 from adapterkit.hub.store import Store
 
 from conftest import make_model, randomize_adapters
@@ -113,7 +113,7 @@ def test_push_pull_load_is_bit_exact_and_works_offline(hub, tmp_path, monkeypatc
     def unreachable(*a, **k):
         raise urllib.error.URLError("offline")
 
-    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(client.OPENER, "open", unreachable)
     again = make_model("bert")
     ak.load_adapter(again, "hub:alice/lora@v1", activate=True)
     assert torch.equal(model(x()).logits, again(x()).logits)
@@ -132,7 +132,8 @@ def test_revisions_are_content_addressed_and_immutable(hub, tmp_path):
         p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
         for p in sorted(folder.iterdir())
     }
-    assert first["revision"] == hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    card = protocol.Stored.model_validate(first).card()  # the id covers the card and the manifest
+    assert first["revision"] == protocol.revision_id(card, {p: protocol.Entry(**e) for p, e in manifest.items()})
     info = client.card("alice/rev", hub.url)
     assert info["revision"] == second["revision"] and info["history"] == [first["revision"], second["revision"]]
     assert sorted(info["tags"]) == ["latest", "v2"]
@@ -251,9 +252,9 @@ def test_refusals_are_json_errors(hub, tmp_path):
         ({"../x.json": b"{}"}, hub.tokens["alice"], 400, "refused path"),
         ({"/etc/x.json": b"{}"}, hub.tokens["alice"], 400, "absolute"),
         ({"a\x00.json": b"{}"}, hub.tokens["alice"], 400, "NUL"),
-        ({"x.json": b"{not json"}, hub.tokens["alice"], 415, "not valid UTF-8 JSON"),
-        ({"x.safetensors": good[:-3]}, hub.tokens["alice"], 415, "lies outside the file"),
-        ({"x.safetensors": good + b"junk"}, hub.tokens["alice"], 415, "trailing bytes"),
+        ({"x.json": b"{not json"}, hub.tokens["alice"], 415, "not valid JSON"),
+        ({"x.safetensors": good[:-3]}, hub.tokens["alice"], 415, "not a valid safetensors file"),
+        ({"x.safetensors": good + b"junk"}, hub.tokens["alice"], 415, "not a valid safetensors file"),
     ]
     for files, token, status, reason in cases:
         with pytest.raises(client.HubRequestError, match=reason) as e:

@@ -3,6 +3,7 @@
 another origin). Whatever a hub answers, nothing outside the cache is written or removed, nothing
 unverified is kept, memory stays bounded and the token stays with its origin."""
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -40,10 +41,8 @@ class Hostile:
                     self.send_header(key, value)
                 if callable(body):
                     self.end_headers()
-                    try:
+                    with contextlib.suppress(OSError):  # the client hung up: what the test wants
                         body(self.wfile)
-                    except OSError:  # the client hung up: what the test wants
-                        pass
                     self.close_connection = True
                     return
                 if "Content-Length" not in headers:
@@ -153,7 +152,10 @@ def test_bytes_that_do_not_match_their_sha256_are_not_kept(hostile, cache):
     hostile.serve("eve/bytes", FILES, bodies={"adapter_config.json": (200, {}, b'{"x": 3}')})
     with pytest.raises(ak.AdapterError, match="do not match their size and sha256"):
         client.pull("eve/bytes", hostile.url)
-    assert [p.name for p in (client.cache_root() / "blobs").iterdir()] in ([], [hashlib.sha256(FILES["adapter.safetensors"]).hexdigest()])
+    assert [p.name for p in (client.cache_root() / "blobs").iterdir()] in (
+        [],
+        [hashlib.sha256(FILES["adapter.safetensors"]).hexdigest()],
+    )
 
 
 def endless(out) -> None:
@@ -220,7 +222,11 @@ def test_refusals_and_search_answers_are_printable(hostile, cache, capsys):
     assert cli.main(["search", "--hub", hostile.url]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "\x1b" not in err
-    hostile.routes["/api/adapters"] = (200, {}, json.dumps([{**row, "method": "lora", "metrics": {"acc": 0.5}}]).encode())
+    hostile.routes["/api/adapters"] = (
+        200,
+        {},
+        json.dumps([{**row, "method": "lora", "metrics": {"acc": 0.5}}]).encode(),
+    )
     assert cli.main(["search", "--hub", hostile.url]) == 0
     assert "eve/x  lora" in capsys.readouterr().out
 

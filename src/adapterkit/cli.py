@@ -188,6 +188,12 @@ def cmd_hub_token(args: argparse.Namespace) -> None:
     print(Store(args.root).create_token(args.owner))
 
 
+def cmd_hub_gc(args: argparse.Namespace) -> None:
+    from .hub.store import Store
+
+    print(f"removed {len(Store(args.root).collect())} files no revision uses")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push
     from .hub.client import shown
@@ -206,7 +212,6 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .hub import search
-
     from .hub.client import shown
 
     for card in search(args.query, args.hub, args.token, method=args.method, task=args.task):
@@ -394,7 +399,7 @@ def _train_parser(sub) -> None:
 
 
 def _hub_parsers(sub) -> None:
-    hub = sub.add_parser("hub", help="run an adapter hub: serve, token create").add_subparsers(
+    hub = sub.add_parser("hub", help="run an adapter hub: serve, token create, gc").add_subparsers(
         dest="hub", required=True
     )
     serve = hub.add_parser("serve", help="serve adapters over HTTP (JSON API, HF download protocol, HTML)")
@@ -410,6 +415,9 @@ def _hub_parsers(sub) -> None:
     create.add_argument("owner")
     create.add_argument("--root", required=True)
     create.set_defaults(func=cmd_hub_token)
+    gc = hub.add_parser("gc", help="remove stored files no revision uses (every delete does it for its own)")
+    gc.add_argument("--root", required=True)
+    gc.set_defaults(func=cmd_hub_gc)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--hub", help="the hub's URL (default: $ADAPTERKIT_HUB or http://127.0.0.1:8765)")
     common.add_argument("--token", help="default: $ADAPTERKIT_HUB_TOKEN")

@@ -32,7 +32,7 @@ from ..errors import AdapterError
 from ..files import atomic_file, write_atomically, write_folder
 from ..training.report import adapter_folder, is_run
 from .protocol import REVISION, REVISION_PREFIX, Digest, Entry, Key, Stored, Text, parse_json, reason, revision_id
-from .safety import TAG, HubError, check_name, check_path
+from .safety import HubError, check_name, check_path, check_ref
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
 SHARED = (".safetensors", ".json")
@@ -255,8 +255,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     name, at, rev = ref.removeprefix("hub:").partition("@")
     _checked(check_name, name)
     rev = rev if at else "latest"
-    if not (TAG.fullmatch(rev) or REVISION_PREFIX.fullmatch(rev)):
-        raise AdapterError(f"bad revision {shown(rev)!r} in {shown(ref)!r}: a tag or a hex revision id")
+    _checked(check_ref, rev)
     return name, rev
 
 

@@ -3,40 +3,125 @@ protocol (so ``huggingface_hub`` and ``peft`` can pull), and a plain HTML page.
 
 ``adapterkit hub serve --root DIR --host 127.0.0.1 --port 8765 [--private]``.
 Reads are public unless ``private``; uploads and deletes need a token of the adapter's owner
-(``adapterkit hub token create OWNER``). Every refusal is an HTTP error with ``{"error": reason}``
-(and the ``X-Error-Code`` header the HF client understands).
+(``adapterkit hub token create OWNER``), checked before any body is read. Every body is bounded and
+validated against a pydantic model (also published at ``/openapi.json``). Every refusal is a 4xx with
+``{"error": reason}`` (and the ``X-Error-Code`` header the HF client understands); every response
+carries headers that keep a browser from sniffing, framing or scripting it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime
+import functools
 import html
 import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .safety import HubError
+from .bodies import BODIES, AddFile, Commit, DeleteFile, Header, NewRepo, Operation, Preupload, Upload, request_body
+from .protocol import Card, parse_json, reason
+from .safety import HubError, check_name, check_path, check_ref
 from .store import Limits, Store
 
+SMALL_BODY = 64 * 2**10  # create-repo: a name and a few flags
+PREUPLOAD_BODY = 2**20  # preupload: up to 256 paths with a 512-byte sample each
+SECURITY = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
+
+# -- the app -----------------------------------------------------------------------------------------
 def create_app(root: str, private: bool = False, limits: Limits | None = None) -> FastAPI:
     """The hub over the folder ``root``: routes in order (adapterkit's API, HF protocol, HTML)."""
-    app = FastAPI(title="adapterkit hub", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="adapterkit hub", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.store, app.state.private = Store(root, limits or Limits()), private
-    app.add_exception_handler(HubError, _refusal)
+    handlers = {
+        HubError: _refusal,
+        RequestValidationError: _invalid,
+        ValidationError: _invalid,
+        HTTPException: _http_error,
+        Exception: _crash,
+    }
+    for error, handler in handlers.items():
+        app.add_exception_handler(error, handler)
     for router in (api, hf, pages):  # pages last: "/{owner}/{name}" would shadow "/api/adapters"
         app.include_router(router)
+    app.add_middleware(SecurityHeaders)
+    app.openapi = functools.partial(_openapi, app)
     return app
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the bodies the routes read themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in BODIES], ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class SecurityHeaders:
+    """Adds :data:`SECURITY` to every response (pure ASGI: file responses stream through untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(k.lower().encode(), v.encode()) for k, v in SECURITY.items()]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
 async def _refusal(request: Request, e: HubError) -> Response:
-    headers = {**e.headers, "X-Error-Message": e.reason[:500].encode("ascii", "replace").decode()}
+    printable = "".join(c if " " <= c <= "~" else "?" for c in e.reason[:500])  # a header value is one ASCII line
+    headers = {**e.headers, "X-Error-Message": printable}
     if e.code:
         headers["X-Error-Code"] = e.code
     return JSONResponse({"error": e.reason}, status_code=e.status, headers=headers)
+
+
+async def _invalid(request: Request, e: RequestValidationError | ValidationError) -> Response:
+    """A body or parameter that does not fit its model: 422 with what did not fit."""
+    return await _refusal(request, HubError(422, reason(e)))  # reason() reads only .errors(), which both have
+
+
+async def _http_error(request: Request, e: HTTPException) -> Response:
+    """Starlette's own refusals (unknown route, wrong method) in the hub's shape."""
+    return await _refusal(request, HubError(e.status_code, str(e.detail), headers=e.headers))
+
+
+async def _crash(request: Request, e: Exception) -> Response:
+    """The last resort: a bug still answers JSON (and uvicorn logs the traceback)."""
+    return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
+
+
+async def _authenticated(request: Request) -> tuple[Store, str]:
+    """The store and the token's owner; 401 without a valid token."""
+    store = request.app.state.store
+    who = store.owner_of(_token(request))
+    if who is None:
+        raise HubError(401, "uploads and deletes need a token: adapterkit hub token create OWNER")
+    return store, who
 
 
 async def readable(request: Request) -> Store:
@@ -52,10 +137,7 @@ async def readable(request: Request) -> Store:
 
 async def writable(request: Request, owner: str) -> Store:
     """Dependency of uploads and deletes: the token must belong to ``owner``."""
-    store = request.app.state.store
-    who = store.owner_of(_token(request))
-    if who is None:
-        raise HubError(401, "uploads and deletes need a token: adapterkit hub token create OWNER")
+    store, who = await _authenticated(request)
     if who != owner:
         raise HubError(403, f"this token belongs to {who!r}, not to {owner!r}")
     return store
@@ -74,19 +156,22 @@ def search(store: Reader, q: str = "", base_model: str = "", method: str = "", t
 
 @api.get("/api/adapters/{owner}/{name}")
 def card(store: Reader, owner: str, name: str, rev: str = "latest") -> Any:
+    """The card as :class:`adapterkit.hub.protocol.Stored` reads it, with the name and revision history."""
     repo = f"{owner}/{name}"
     card, _ = store.revision(repo, rev)
-    return {**card, "name": repo, "history": [c["revision"] for c in store.history(repo)]}
+    return {**card, "name": repo, "history": store.history(repo)}
 
 
-@api.post("/api/adapters/{owner}/{name}")
+@api.post("/api/adapters/{owner}/{name}", openapi_extra=request_body(Upload))
 async def upload(request: Request, store: Writer, owner: str, name: str) -> Any:
-    body = await _bounded_body(request, store.limits)
-    files = {path: _b64(path, data) for path, data in body["files"].items()}
-    card = body.get("card", {})
-    if not isinstance(card, dict):
-        raise HubError(400, "card must be a JSON object")
-    return store.commit(f"{owner}/{name}", files, card, list(body.get("tags", [])))
+    raw = await _bounded(request, _upload_cap(store.limits))
+    return await run_in_threadpool(_upload, store, f"{owner}/{name}", raw)
+
+
+def _upload(store: Store, repo: str, raw: bytes) -> dict[str, Any]:
+    body = Upload.model_validate_json(raw)
+    files = {path: _b64(path, data) for path, data in body.files.items()}
+    return store.commit(repo, files, body.card, body.tags)
 
 
 @api.delete("/api/adapters/{owner}/{name}")
@@ -106,7 +191,7 @@ def model_info(request: Request, store: Reader, owner: str, name: str, rev: str 
         "author": owner,
         "sha": card["revision"],
         "private": request.app.state.private,
-        "tags": card.get("tags", []),
+        "tags": card["tags"],
         "siblings": [{"rfilename": p} for p in sorted(manifest)],
         "lastModified": _iso(card["created"]),
         "createdAt": _iso(card["created"]),
@@ -125,55 +210,50 @@ def tree(store: Reader, owner: str, name: str, rev: str, path: str = "") -> Any:
     ]  # fmt: skip
 
 
-@hf.api_route("/{owner}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
+@hf.get("/{owner}/{name}/resolve/{rev}/{path:path}")
+@hf.head("/{owner}/{name}/resolve/{rev}/{path:path}")
 def resolve(store: Reader, owner: str, name: str, rev: str, path: str) -> Any:
     card, manifest = store.revision(f"{owner}/{name}", _rev(rev))
     headers = {"X-Repo-Commit": card["revision"]}
     if path not in manifest:
         raise HubError(404, f"{owner}/{name} has no file {path!r}", code="EntryNotFound", headers=headers)
     digest = manifest[path]["sha256"]
+    if not store.blob(digest).is_file():  # the revision was deleted and collected since it was read
+        raise HubError(404, f"{owner}/{name} has no revision {rev!r} any more", code="RevisionNotFound")
     headers |= {"ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"', "Cache-Control": "public, max-age=31536000"}
     return FileResponse(store.blob(digest), headers=headers, media_type="application/octet-stream")
 
 
 # The write side, for `HfApi(endpoint=URL).upload_folder` / `create_commit`: every file is "regular"
 # (base64 inside the commit), so no LFS or Xet storage is involved.
-@hf.post("/api/repos/create")
+@hf.post("/api/repos/create", openapi_extra=request_body(NewRepo))
 async def create_repo(request: Request) -> Any:
-    body = json.loads(await request.body() or b"{}")
-    owner = body.get("organization") or body.get("name", "").partition("/")[0]
-    name = body.get("name", "").rpartition("/")[2]
+    """The token first (401 before a byte of the body is read), then a small body, then the owner."""
+    _, who = await _authenticated(request)
+    body = NewRepo.model_validate_json(await _bounded(request, SMALL_BODY))
+    owner, _, name = body.name.rpartition("/")
+    owner = body.organization or owner or who  # no namespace: the token owner's, as on the HF Hub
     await writable(request, owner)
+    check_name(f"{owner}/{name}")
     return {"url": f"{str(request.base_url).rstrip('/')}/{owner}/{name}", "name": f"{owner}/{name}"}
 
 
-@hf.post("/api/models/{owner}/{name}/preupload/{rev}")
+@hf.post("/api/models/{owner}/{name}/preupload/{rev}", openapi_extra=request_body(Preupload))
 async def preupload(request: Request, store: Writer, owner: str, name: str, rev: str) -> Any:
-    files = (await request.json()).get("files", [])
-    return {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+    check_name(f"{owner}/{name}")
+    check_ref(_rev(rev))
+    body = Preupload.model_validate_json(await _bounded(request, PREUPLOAD_BODY))
+    for planned in body.files:
+        check_path(planned.path)
+    return {"files": [{"path": f.path, "uploadMode": "regular", "shouldIgnore": False} for f in body.files]}
 
 
-@hf.post("/api/models/{owner}/{name}/commit/{rev}")
+@hf.post("/api/models/{owner}/{name}/commit/{rev}", openapi_extra=request_body(Commit, "application/x-ndjson"))
 async def hf_commit(request: Request, store: Writer, owner: str, name: str, rev: str) -> Any:
     """An HF commit adds and deletes files on top of the revision it names (none for a new adapter)."""
     repo = f"{owner}/{name}"
-    lines = [json.loads(line) for line in (await _bounded_raw(request, store.limits)).splitlines() if line.strip()]
-    try:
-        _, manifest = store.revision(repo, _rev(rev))
-    except HubError as e:
-        if e.code != "RepoNotFound":
-            raise
-        manifest = {}
-    files = {path: store.blob(m["sha256"]).read_bytes() for path, m in manifest.items()}
-    for line in lines:
-        key, value = line.get("key"), line.get("value", {})
-        if key == "file":
-            files[value["path"]] = _b64(value["path"], value["content"])
-        elif key == "deletedFile":
-            files.pop(value["path"], None)
-        elif key != "header":
-            raise HubError(400, f"commit operation {key!r} is not supported by this hub (only regular files)")
-    card = store.commit(repo, files, card_from_files(files), [])
+    raw = await _bounded(request, _upload_cap(store.limits))
+    card = await run_in_threadpool(_hf_commit, store, repo, _rev(rev), raw)
     base = str(request.base_url).rstrip("/")
     return {
         "commitUrl": f"{base}/{repo}/commit/{card['revision']}",
@@ -182,23 +262,82 @@ async def hf_commit(request: Request, store: Writer, owner: str, name: str, rev:
     }
 
 
-def card_from_files(files: dict[str, bytes]) -> dict[str, Any]:
-    """A card read from an uploaded ``adapter_config.json`` (adapterkit's or peft's), when there is one."""
+def _hf_commit(store: Store, repo: str, rev: str, raw: bytes) -> dict[str, Any]:
+    operations = _operations(raw)
+    files = _files_of(store, repo, rev)
+    for operation in operations:
+        if isinstance(operation, AddFile):
+            files[operation.value.path] = _b64(operation.value.path, operation.value.content)
+        elif isinstance(operation, DeleteFile):
+            files.pop(operation.value.path, None)
+    return store.commit(repo, files, card_from_files(files), [])
+
+
+def _operations(raw: bytes) -> list[Header | AddFile | DeleteFile]:
+    """The commit's lines, each validated; the reason names the line that does not fit."""
+    operations = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            try:
+                operations.append(Operation.model_validate_json(line).root)
+            except ValidationError as e:
+                raise HubError(422, f"commit line {number}: {reason(e)}") from None
+    return operations
+
+
+def _files_of(store: Store, repo: str, rev: str) -> dict[str, bytes]:
+    """The files of the revision a commit builds on; none for a new adapter."""
     try:
-        config = json.loads(files["adapter_config.json"])
-    except (KeyError, ValueError):
+        _, manifest = store.revision(repo, rev)
+    except HubError as e:
+        if e.code != "RepoNotFound":
+            raise
         return {}
+    try:
+        return {path: store.blob(m["sha256"]).read_bytes() for path, m in manifest.items()}
+    except FileNotFoundError:
+        raise HubError(409, f"{repo} was deleted during this commit") from None
+
+
+def card_from_files(files: dict[str, bytes]) -> Card:
+    """A card read from an uploaded ``adapter_config.json`` (adapterkit's or peft's), when there is one.
+
+    A field that does not fit the card's schema is left out: the files were checked, the card is a summary."""
+    try:
+        config = parse_json(files["adapter_config.json"], "adapter_config.json")
+    except (KeyError, ValueError):
+        return Card()
+    if not isinstance(config, dict):
+        return Card()
     if config.get("format") == "adapterkit":
-        base = config.get("base_model", {})
-        return {
-            "method": config["config"].get("method"),
-            "format": "adapterkit",
-            "base_model": base.get("name_or_path"),
-            "model_type": base.get("model_type"),
-            "fingerprint": base.get("fingerprint"),
-        }
-    method = str(config.get("peft_type", "")).lower() or None
-    return {"method": method, "format": "peft", "base_model": config.get("base_model_name_or_path")}
+        return _fitting(_adapterkit_fields(config))
+    kind = config.get("peft_type")
+    method = kind.lower() if isinstance(kind, str) and kind else None
+    return _fitting({"method": method, "format": "peft", "base_model": config.get("base_model_name_or_path")})
+
+
+def _adapterkit_fields(config: dict[str, Any]) -> dict[str, Any]:
+    inner = config.get("config") if isinstance(config.get("config"), dict) else {}
+    base = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
+    return {
+        "method": inner.get("method"),
+        "format": "adapterkit",
+        "base_model": base.get("name_or_path"),
+        "model_type": base.get("model_type"),
+        "fingerprint": base.get("fingerprint"),
+    }
+
+
+def _fitting(fields: dict[str, Any]) -> Card:
+    """A card of the fields that fit the schema one by one (every field has a default)."""
+    kept = {}
+    for key, value in fields.items():
+        try:
+            Card.model_validate({key: value})
+        except ValidationError:
+            continue
+        kept[key] = value
+    return Card.model_validate(kept)
 
 
 # -- the HTML page ------------------------------------------------------------------------------------
@@ -223,43 +362,39 @@ def _rev(rev: str) -> str:
     return "latest" if rev == "main" else rev  # huggingface_hub asks for "main" by default
 
 
-async def _bounded_raw(request: Request, limits: Limits) -> bytes:
-    """The request body, refused past the upload limit (base64 grows data by 4/3) without reading it all."""
-    cap = limits.max_upload_bytes * 4 // 3 + 2**20
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > cap:
-        raise HubError(413, f"the upload ({declared} bytes) is over the limit of {limits.max_upload_bytes} bytes")
+def _upload_cap(limits: Limits) -> int:
+    return limits.max_upload_bytes * 4 // 3 + 2**20  # base64 grows data by 4/3, plus the JSON around it
+
+
+async def _bounded(request: Request, cap: int) -> bytes:
+    """The request body, refused past ``cap`` bytes: by its Content-Length before reading, else when
+    the stream passes the cap (nothing past it is read)."""
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit():
+        raise HubError(400, f"bad Content-Length {declared[:40]!r}")
+    if int(declared) > cap:
+        raise HubError(413, f"the body ({declared} bytes) is over the limit of {cap} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
-            raise HubError(413, f"the upload is over the limit of {limits.max_upload_bytes} bytes")
+            raise HubError(413, f"the body is over the limit of {cap} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _bounded_body(request: Request, limits: Limits) -> dict[str, Any]:
-    """adapterkit's upload: ``{"files": {path: base64}, "card": {...}, "tags": [...]}``."""
-    try:
-        body = json.loads(await _bounded_raw(request, limits))
-    except ValueError as e:
-        raise HubError(400, f"the upload is not JSON ({e})") from e
-    if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
-        raise HubError(400, 'the upload must be {"files": {path: base64}, "card": {...}, "tags": [...]}')
-    return body
-
-
-def _b64(path: str, data: Any) -> bytes:
+def _b64(path: str, data: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
-    except (binascii.Error, TypeError, ValueError) as e:
-        raise HubError(400, f"{path!r}: not base64 ({e})") from e
+    except (binascii.Error, ValueError) as e:
+        raise HubError(400, f"{path!r}: not base64 ({e})") from None
 
 
-def _iso(seconds: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+def _iso(seconds: Any) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    except (TypeError, ValueError, OverflowError, OSError):  # an index row not written by this hub
+        return "—"
 
 
 SUMMARY = ("name", "revision", "method", "task", "base_model", "model_type", "params", "metrics", "license", "created")
@@ -290,8 +425,8 @@ def _table(cards: list[dict[str, Any]]) -> str:
     head = "<tr><th>adapter</th><th>method</th><th>task</th><th>base model</th><th>params</th></tr>"
     rows = "".join(
         f'<tr class="adapter"><td><a href="/{html.escape(c["name"])}">{html.escape(c["name"])}</a></td>'
-        f"<td>{html.escape(str(c.get('method')))}</td><td>{html.escape(str(c.get('task')))}</td>"
-        f"<td>{html.escape(str(c.get('base_model')))}</td><td>{c.get('params') or 0:,}</td></tr>"
+        f"<td>{_cell(c.get('method'))}</td><td>{_cell(c.get('task'))}</td>"
+        f"<td>{_cell(c.get('base_model'))}</td><td>{_cell(c.get('params'))}</td></tr>"
         for c in cards
     )
     return f'<table id="adapters">{head}{rows}</table>'
@@ -299,17 +434,20 @@ def _table(cards: list[dict[str, Any]]) -> str:
 
 def _card_html(repo: str, card: dict[str, Any]) -> str:
     shown = ("revision", "tags", "method", "task", "base_model", "model_type", "params", "license", "metrics")
-    rows = [(k, card.get(k)) for k in shown] + [("created", _iso(card["created"]))]
-    rows += [(f"file {p}", f"{size:,} bytes") for p, size in card.get("files", {}).items()]
-    cells = "".join(
-        f'<tr><th>{html.escape(k)}</th><td class="{html.escape(k.split()[0])}">{html.escape(_text(v))}</td></tr>'
-        for k, v in rows
-    )
+    rows = [(k, _cell(card.get(k))) for k in shown] + [("created", html.escape(_iso(card.get("created"))))]
+    rows += [(f"file {p}", _cell(size) + " bytes") for p, size in card["files"].items()]
+    cell = '<tr><th>{0}</th><td class="{1}">{2}</td></tr>'
+    cells = "".join(cell.format(html.escape(k), html.escape(k.split()[0]), v) for k, v in rows)
     return f'<h2 id="name">{html.escape(repo)}</h2><table id="card">{cells}</table>'
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+def _cell(value: Any) -> str:
+    """Any card value as escaped HTML: "—" when missing, counts with thousands separators."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "—"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return html.escape(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
 
 
 def serve(root: str, host: str = "127.0.0.1", port: int = 8765, private: bool = False, limits: Limits | None = None):

@@ -4,7 +4,14 @@ Files live once under ``blobs/<sha256>``, each written to a temporary file, fsyn
 before anything refers to it; a revision (its manifest of path -> sha256, its card) enters the
 index in one SQLite transaction afterwards. So a killed server loses nothing it acknowledged, and
 concurrent uploads of one name never leave a revision that points at a missing or partial file.
-A revision's id is the sha256 of its manifest: the same files always give the same revision.
+A revision's id is :func:`adapterkit.hub.protocol.revision_id` of its card and manifest: the same
+files and card always give the same revision, another card gives another one.
+
+Every file of an upload is checked before any is written, so a refused upload leaves nothing. Blobs
+no revision refers to are collected (:meth:`Store.collect`) after a delete: the ``files`` table says
+which blobs revisions use, and a push registers its blobs in ``pending`` (in a write transaction)
+before writing them, so a collection, which holds the write lock while it unlinks, never removes a
+blob a push is about to use.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..files import write_atomically
-from .safety import HubError, check_content, check_name, check_path, check_tag
+from .protocol import Card, Entry, revision_id
+from .safety import HubError, check_content, check_name, check_path, check_ref, check_tag
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (
@@ -32,7 +40,20 @@ CREATE TABLE IF NOT EXISTS revisions (
 CREATE TABLE IF NOT EXISTS tags (repo TEXT NOT NULL, tag TEXT NOT NULL, revision TEXT NOT NULL,
     PRIMARY KEY (repo, tag));
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (push TEXT NOT NULL, digest TEXT NOT NULL, since REAL NOT NULL,
+    PRIMARY KEY (push, digest));
+CREATE INDEX IF NOT EXISTS pending_digest ON pending (digest);
 """
+# Version 1 adds the blob references; an index written before it gets them from its manifests.
+FILES = """
+CREATE TABLE files (repo TEXT NOT NULL, revision TEXT NOT NULL, path TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (repo, revision, path));
+CREATE INDEX files_digest ON files (digest);
+INSERT INTO files SELECT r.repo, r.id, m.key, json_extract(m.value, '$.sha256')
+    FROM revisions r, json_each(r.manifest) m;
+PRAGMA user_version = 1;
+"""
+ABANDONED = 3600.0  # seconds after which a push's pending blobs, or a stray temporary file, are garbage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +73,10 @@ class Store:
         self.limits = limits
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
+        with self._db(write=True) as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] < 1:
+                for statement in FILES.split(";\n"):
+                    db.execute(statement)
 
     def _connection(self) -> sqlite3.Connection:
         """One connection per thread (sqlite3 connections are not shared across threads)."""
@@ -77,24 +102,11 @@ class Store:
         db.execute("COMMIT")
 
     # -- files ----------------------------------------------------------------------------------
-    def put_blob(self, data: bytes, path: str) -> str:
-        """Store one file's bytes (checked for its kind by ``path``); returns its sha256."""
-        if len(data) > self.limits.max_file_bytes:
-            raise HubError(413, f"{path}: {len(data)} bytes is over the per-file limit of {self.limits.max_file_bytes}")
-        check_content(path, data)
-        digest = hashlib.sha256(data).hexdigest()
-        target = self.blobs / digest
-        if not target.exists():
-            write_atomically(target, data)
-        return digest
-
     def blob(self, digest: str) -> Path:
         return self.blobs / digest
 
-    # -- revisions ------------------------------------------------------------------------------
-    def commit(self, repo: str, files: dict[str, bytes], card: dict[str, Any], tags: list[str]) -> dict[str, Any]:
-        """Store ``files`` as a revision of ``repo`` (``owner/name``) with ``card``; move ``tags`` and ``latest``."""
-        check_name(repo)
+    def _checked(self, files: dict[str, bytes], tags: list[str]) -> dict[str, Entry]:
+        """Every refusal an upload can meet, before anything is written; returns its manifest."""
         if not files:
             raise HubError(400, "an upload needs at least one file")
         if len(files) > self.limits.max_files:
@@ -104,27 +116,62 @@ class Store:
             raise HubError(413, f"{total} bytes is over the per-upload limit of {self.limits.max_upload_bytes}")
         for tag in tags:
             check_tag(tag)
-        manifest = {}
         for path, data in sorted(files.items()):
             check_path(path)
-            manifest[path] = {"sha256": self.put_blob(data, path), "size": len(data)}
-        revision = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-        card = {**card, "files": {p: m["size"] for p, m in manifest.items()}, "revision": revision}
+            if len(data) > self.limits.max_file_bytes:
+                limit = self.limits.max_file_bytes
+                raise HubError(413, f"{path}: {len(data)} bytes is over the per-file limit of {limit}")
+            check_content(path, data)
+        return {p: Entry(sha256=hashlib.sha256(d).hexdigest(), size=len(d)) for p, d in sorted(files.items())}
+
+    # -- revisions ------------------------------------------------------------------------------
+    def commit(self, repo: str, files: dict[str, bytes], card: Card, tags: list[str]) -> dict[str, Any]:
+        """Store ``files`` as a revision of ``repo`` (``owner/name``) with ``card``; move ``tags`` and ``latest``.
+
+        Returns the revision's card as :meth:`revision` serves it."""
+        check_name(repo)
+        manifest = self._checked(files, tags)
+        push = secrets.token_hex(16)
+        digests = {e.sha256 for e in manifest.values()}
+        with self._db(write=True) as db:  # registered before written: a collection leaves them alone
+            db.executemany("INSERT INTO pending VALUES (?, ?, ?)", [(push, d, time.time()) for d in digests])
+        try:
+            for path, entry in manifest.items():
+                if not self.blob(entry.sha256).exists():
+                    write_atomically(self.blob(entry.sha256), files[path])
+            revision, created, tags = self._insert(repo, push, card, manifest, tags)
+        except BaseException:
+            self._forget(push)
+            self.collect(digests)
+            raise
+        return served(card.model_dump(mode="json"), revision, created, {p: e.size for p, e in manifest.items()}, tags)
+
+    def _insert(
+        self, repo: str, push: str, card: Card, manifest: dict[str, Entry], tags: list[str]
+    ) -> tuple[str, float, list[str]]:
+        """The revision enters the index, its blobs change from pending to referenced, tags move.
+
+        Returns its id, creation time and tags (read in the same transaction: a delete may follow)."""
+        revision = revision_id(card, manifest)
         with self._db(write=True) as db:
-            row = db.execute("SELECT created FROM revisions WHERE repo=? AND id=?", (repo, revision)).fetchone()
-            created = row[0] if row else time.time()
-            card["created"] = created
-            if not row:
-                db.execute(
-                    "INSERT INTO revisions VALUES (?, ?, ?, ?, ?)",
-                    (repo, revision, created, json.dumps(card), json.dumps(manifest)),
-                )
-            for tag in ["latest", *tags]:
-                db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (repo, tag, revision))
-        return card
+            registered = db.execute("SELECT COUNT(*) FROM pending WHERE push=?", (push,)).fetchone()[0]
+            if registered != len({e.sha256 for e in manifest.values()}):  # over an hour: may have been collected
+                raise HubError(503, "the upload took too long and its files were reclaimed: push again")
+            created = _added(db, repo, revision, card, manifest)
+            db.execute("DELETE FROM pending WHERE push=?", (push,))
+            moved = [(repo, tag, revision) for tag in ["latest", *tags]]
+            db.executemany("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", moved)
+            tags = [t for (t,) in db.execute("SELECT tag FROM tags WHERE repo=? AND revision=?", (repo, revision))]
+        return revision, created, tags
+
+    def _forget(self, push: str) -> None:
+        with self._db(write=True) as db:
+            db.execute("DELETE FROM pending WHERE push=?", (push,))
 
     def resolve(self, repo: str, ref: str = "latest") -> str:
         """A tag, a revision id or an unambiguous prefix of one (at least 7 hex digits) -> revision id."""
+        check_name(repo)
+        check_ref(ref)
         with self._db() as db:
             row = db.execute("SELECT revision FROM tags WHERE repo=? AND tag=?", (repo, ref)).fetchone()
             if row:
@@ -139,44 +186,80 @@ class Store:
         raise HubError(404, f"{repo} has no tag or revision {ref!r}", code="RevisionNotFound")
 
     def revision(self, repo: str, ref: str = "latest") -> tuple[dict[str, Any], dict[str, dict]]:
-        """``(card, manifest)`` of a revision."""
+        """``(card, manifest)`` of a revision: the uploader's card with the hub's ``revision``, ``created``,
+        ``files`` and ``tags``, taken from the index's own columns (the card text is not trusted for them)."""
         revision = self.resolve(repo, ref)
         with self._db() as db:
-            card, manifest = db.execute(
-                "SELECT card, manifest FROM revisions WHERE repo=? AND id=?", (repo, revision)
+            row = db.execute(
+                "SELECT created, card, manifest FROM revisions WHERE repo=? AND id=?", (repo, revision)
             ).fetchone()
             tags = [t for (t,) in db.execute("SELECT tag FROM tags WHERE repo=? AND revision=?", (repo, revision))]
-        return {**json.loads(card), "tags": sorted(tags)}, json.loads(manifest)
+        if row is None:  # deleted between the two transactions
+            raise HubError(404, f"no adapter {repo!r} on this hub", code="RepoNotFound")
+        created, card, manifest = row
+        manifest = json.loads(manifest)
+        return served(_card(card), revision, created, {p: m["size"] for p, m in manifest.items()}, tags), manifest
 
-    def history(self, repo: str) -> list[dict[str, Any]]:
+    def history(self, repo: str) -> list[str]:
+        """The revision ids of ``repo``, oldest first."""
         with self._db() as db:
-            rows = db.execute("SELECT card FROM revisions WHERE repo=? ORDER BY created", (repo,)).fetchall()
-        return [json.loads(card) for (card,) in rows]
+            rows = db.execute("SELECT id FROM revisions WHERE repo=? ORDER BY created, rowid", (repo,)).fetchall()
+        return [revision for (revision,) in rows]
 
     def search(self, text: str = "", **fields: str) -> list[dict[str, Any]]:
         """The latest card of each adapter whose card matches ``text`` (anywhere) and every given field."""
         with self._db() as db:
             rows = db.execute(
-                "SELECT r.repo, r.card FROM tags t JOIN revisions r ON r.repo=t.repo AND r.id=t.revision "
-                "WHERE t.tag='latest' ORDER BY r.repo"
+                "SELECT r.repo, r.id, r.created, r.card FROM tags t JOIN revisions r ON r.repo=t.repo AND "
+                "r.id=t.revision WHERE t.tag='latest' ORDER BY r.repo"
             ).fetchall()
         found = []
-        for repo, raw in rows:
-            card = {**json.loads(raw), "name": repo}
+        for repo, revision, created, raw in rows:
+            card = {**_card(raw), "name": repo, "revision": revision, "created": created}
             if text.lower() not in json.dumps(card).lower():
                 continue
-            if all(value and str(card.get(key, "")).lower() == value.lower() for key, value in fields.items() if value):
+            if all(str(card.get(key, "")).lower() == value.lower() for key, value in fields.items() if value):
                 found.append(card)
         return found
 
     def delete(self, repo: str) -> int:
-        """Remove ``repo``'s revisions and tags from the index (files shared by others stay)."""
+        """Remove ``repo``'s revisions and tags, then the files no other revision uses."""
+        check_name(repo)
         with self._db(write=True) as db:
+            digests = [d for (d,) in db.execute("SELECT DISTINCT digest FROM files WHERE repo=?", (repo,))]
             count = db.execute("DELETE FROM revisions WHERE repo=?", (repo,)).rowcount
             db.execute("DELETE FROM tags WHERE repo=?", (repo,))
+            db.execute("DELETE FROM files WHERE repo=?", (repo,))
         if not count:
             raise HubError(404, f"no adapter {repo!r} on this hub", code="RepoNotFound")
+        self.collect(digests)
         return count
+
+    def collect(self, digests: Iterable[str] | None = None) -> list[str]:
+        """Remove the blobs among ``digests`` (default: all, and stray temporary files over an hour old)
+        that no revision uses and no push in progress has registered; returns the digests removed.
+
+        Under the write lock: a push registers its blobs in a write transaction, so it either did so
+        before (and its blobs stay) or writes them after this returns."""
+        removed = []
+        with self._db(write=True) as db:
+            db.execute("DELETE FROM pending WHERE since < ?", (time.time() - ABANDONED,))
+            for digest in self._candidates(digests):
+                used = "SELECT 1 FROM files WHERE digest=:d UNION ALL SELECT 1 FROM pending WHERE digest=:d LIMIT 1"
+                if db.execute(used, {"d": digest}).fetchone() is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.blob(digest).unlink()
+                        removed.append(digest)
+        return removed
+
+    def _candidates(self, digests: Iterable[str] | None) -> Iterable[str]:
+        if digests is not None:
+            return sorted(set(digests))
+        for stray in self.blobs.glob(".tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if stray.stat().st_mtime < time.time() - ABANDONED:
+                    stray.unlink()
+        return sorted(p.name for p in self.blobs.iterdir() if not p.name.startswith("."))
 
     # -- tokens ---------------------------------------------------------------------------------
     def create_token(self, owner: str) -> str:
@@ -195,5 +278,33 @@ class Store:
         return row[0] if row else None
 
 
+def _added(db: sqlite3.Connection, repo: str, revision: str, card: Card, manifest: dict[str, Entry]) -> float:
+    """The revision's creation time, adding it (with the blobs it uses) unless it is there already."""
+    row = db.execute("SELECT created FROM revisions WHERE repo=? AND id=?", (repo, revision)).fetchone()
+    if row:
+        return row[0]
+    created, body = time.time(), json.dumps({p: e.model_dump() for p, e in manifest.items()})
+    db.execute("INSERT INTO revisions VALUES (?, ?, ?, ?, ?)", (repo, revision, created, card.model_dump_json(), body))
+    db.executemany(
+        "INSERT INTO files VALUES (?, ?, ?, ?)", [(repo, revision, p, e.sha256) for p, e in manifest.items()]
+    )
+    return created
+
+
+def served(card: dict[str, Any], revision: str, created: Any, files: dict[str, int], tags: list[str]) -> dict[str, Any]:
+    """A revision's card as the hub serves it (:class:`adapterkit.hub.protocol.Stored`): the uploader's
+    fields, then the hub's, which override whatever a stored card says of them."""
+    return {**card, "revision": revision, "created": created, "files": files, "tags": sorted(tags)}
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _card(raw: Any) -> dict[str, Any]:
+    """A stored card as a dict, whatever the index holds (rows written by older hubs, or by hand)."""
+    try:
+        card = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        return {}
+    return card if isinstance(card, dict) else {}

@@ -1,0 +1,83 @@
+"""The request bodies the hub reads, as pydantic models: validated on arrival, published in the OpenAPI schema.
+
+The routes read their bodies themselves, after the token check and within a size cap (FastAPI would
+read a declared body first, whole), so the schema names these models through :func:`request_body`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from .protocol import Card
+
+
+class Upload(BaseModel):
+    """adapterkit's upload: the files (path -> base64), the card, the tags to move to this revision."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    files: Annotated[dict[str, str], Field(min_length=1, max_length=1024)]  # the store applies its own limit
+    card: Card = Card()
+    tags: Annotated[list[str], Field(max_length=32)] = []
+
+
+class Lax(BaseModel):
+    """A body from the HF client, which sends more than this hub reads."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class NewRepo(Lax):
+    name: Annotated[str, Field(max_length=200)]
+    organization: Annotated[str, Field(max_length=64)] | None = None
+
+
+class Planned(Lax):
+    path: Annotated[str, Field(max_length=1000)]
+    size: int = 0
+
+
+class Preupload(Lax):
+    files: Annotated[list[Planned], Field(max_length=256)]
+
+
+class Header(Lax):
+    key: Literal["header"]
+
+
+class Addition(Lax):
+    path: Annotated[str, Field(max_length=1000)]
+    content: str
+    encoding: Literal["base64"] = "base64"
+
+
+class AddFile(Lax):
+    key: Literal["file"]
+    value: Addition
+
+
+class Deletion(Lax):
+    path: Annotated[str, Field(max_length=1000)]
+
+
+class DeleteFile(Lax):
+    key: Literal["deletedFile"]
+    value: Deletion
+
+
+class Operation(RootModel[Annotated[Header | AddFile | DeleteFile, Field(discriminator="key")]]):
+    """One line of an HF commit (NDJSON): regular files only, no LFS."""
+
+
+class Commit(RootModel[list[Operation]]):
+    """An HF commit's lines, as the schema shows them (the body is one JSON object a line)."""
+
+
+BODIES = (Upload, NewRepo, Preupload, Commit)
+
+
+def request_body(model: type[BaseModel], media: str = "application/json") -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself (after the token check)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {media: {"schema": schema}}}}
