@@ -152,7 +152,7 @@ class TokenClassification(Task):
     """Tokens (a list, or a string split on spaces) and one tag per token; the first sub-word carries it."""
 
     name, auto_class = "token-classification", "AutoModelForTokenClassification"
-    metrics = ("f1", "accuracy")
+    metrics = ("f1", "precision", "recall", "accuracy")  # entity-level (as seqeval/conlleval), token accuracy
 
     def _pairs(self, table: Table) -> list[tuple[list[str], list[str]]]:
         words = table.column(self.text_column, "--text-column")
@@ -196,12 +196,47 @@ class TokenClassification(Task):
         return [[y for y in e["labels"] if y != IGNORE] for e in examples]
 
     def score(self, predicted, gold):
-        p, g = sum(predicted, []), sum(gold, [])
-        outside = self.labels.index("O") if "O" in self.labels else -1
-        hits = sum(a == b != outside for a, b in zip(p, g, strict=True))
-        n_pred, n_gold = sum(a != outside for a in p), sum(b != outside for b in g)
-        f1 = 2 * hits / (n_pred + n_gold) if n_pred + n_gold else 1.0
-        return {"f1": f1, "accuracy": accuracy(p, g)}
+        """Entity-level precision, recall and F1 over every sentence's chunks, and token accuracy."""
+        found, wanted = set(), set()
+        for i, (p, g) in enumerate(zip(predicted, gold, strict=True)):
+            found |= {(i, *chunk) for chunk in entities([self.labels[t] for t in p])}
+            wanted |= {(i, *chunk) for chunk in entities([self.labels[t] for t in g])}
+        hits = len(found & wanted)
+        precision = hits / len(found) if found else float(not wanted)
+        recall = hits / len(wanted) if wanted else float(not found)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "f1": f1,
+            "precision": precision,
+            "recall": recall,
+            "accuracy": accuracy(sum(predicted, []), sum(gold, [])),
+        }
+
+
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """The chunks ``(type, first, last)`` of one sentence's tags, read as conlleval and seqeval's default
+    mode read them: IOB1, IOB2 and IOBES prefixes (``B-PER``), ``O`` outside; a tag without such a
+    prefix is one type (runs of it form one chunk)."""
+    chunks, start, kind, prev = set(), None, None, "O"
+    for i, tag in enumerate([*tags, "O"]):
+        mark, here = _split_tag(tag)
+        ends = prev in "ES" or (prev != "O" and (mark in "BSO" or here != kind))
+        if start is not None and ends:
+            chunks.add((kind, start, i - 1))
+            start = None
+        if mark in "BS" or (mark != "O" and (prev in "ESO" or here != kind)):
+            start = i
+        prev, kind = mark, here
+    return chunks
+
+
+def _split_tag(tag: str) -> tuple[str, str | None]:
+    """``"B-PER"`` -> ``("B", "PER")``, ``"O"`` -> ``("O", None)``, ``"PER"`` -> ``("I", "PER")``."""
+    if tag == "O":
+        return "O", None
+    if len(tag) > 1 and tag[0] in "BIES" and tag[1] in "-_":
+        return tag[0], tag[2:]
+    return "I", tag
 
 
 class CTC(Task):
