@@ -148,3 +148,39 @@ def test_one_write_primitive():
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_a_file_written_during_the_swap_is_kept(tmp_path, monkeypatch):
+    """Found by a hostile tester: a user's file written into the folder between the check and the swap
+    went with the replaced files."""
+    from adapterkit import files
+
+    folder = ak.save_adapter(model_with(1), "task", tmp_path / "a")
+    real = files._exchange
+
+    def racing(a, b):
+        (b / "notes.txt").write_text("written just now")
+        return real(a, b)
+
+    monkeypatch.setattr(files, "_exchange", racing)
+    ak.save_adapter(model_with(2), "task", folder)
+    assert (folder / "notes.txt").read_text() == "written just now"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_no_write_through_a_linked_folder(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "f.json").write_text("USER DATA")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("user file")
+    (dest / "sub").symlink_to(victim)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "f.json").write_text('{"new": 1}')
+
+    with pytest.raises(ak.AdapterError, match="is a link"):
+        write_folder(dest, fill)
+    assert (victim / "f.json").read_text() == "USER DATA" and (dest / "mine.txt").read_text() == "user file"

@@ -287,3 +287,54 @@ def test_a_parsed_reference_is_always_a_safe_cache_path(ref):
         assert segment not in ("", ".", "..") and "/" not in segment and segment.isprintable()
         assert segment == segment.strip() and "\x00" not in segment
     assert ".." not in name
+
+
+class Raw:
+    """A 'hub' that answers every connection with the same raw bytes (status lines and headers included)."""
+
+    def __init__(self, answer: bytes) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.answer = answer
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n[]", "announced"),
+        (b"\x1b]0;PWNED\x07\x1b[2J\x1b[31mRED\x1b[0m\r\n\r\n", "cannot reach the hub"),
+    ],
+)
+def test_raw_answers_are_adapter_errors_printed_inert(cache, capsys, answer, reason):
+    """Found by a hostile tester: a superscript digit in Content-Length (isdigit() is True, int() fails)
+    and a status line of terminal escape sequences."""
+    from adapterkit import cli
+
+    raw = Raw(answer)
+    with pytest.raises(ak.AdapterError, match=reason):
+        client.search("", raw.url)
+    assert cli.main(["search", "--hub", raw.url]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and "\x1b" not in err and "\x07" not in err
+    raw.sock.close()
+
+
+def test_a_listing_whose_paths_cannot_all_exist_is_refused(hostile, cache):
+    hostile.serve("eve/tree", {"a.json": b"{}", "a.json/b.json": b"{}"})
+    with pytest.raises(ak.AdapterError, match="both a file and a folder"):
+        client.pull("eve/tree", hostile.url)

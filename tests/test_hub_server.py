@@ -459,3 +459,25 @@ def test_name_tag_path_checks_accept_only_plain_whole_strings(value):
         assert plain(value) and "/" not in value
     if accepted(check_path, value):
         assert plain(value) and value.endswith((".json", ".safetensors"))
+
+
+def test_uploads_that_no_disk_can_hold_or_no_strict_reader_can_read_are_refused(hub):
+    """Found by a hostile tester: a file that is also a folder of other files, and JSON that only
+    Python's lenient reader takes (UTF-16/32, a byte-order mark, NaN)."""
+    refused(upload(hub, "alice/tree", {"a.json": b"{}", "a.json/b.json": b"{}"}), 400, "both a file and a folder")
+    lenient = {
+        "utf16": '{"a": 1}'.encode("utf-16-le"),
+        "utf32": '{"a": 1}'.encode("utf-32"),
+        "bom": b'\xef\xbb\xbf{"a": 1}',
+        "surrogate": b'{"a": "\xed\xa0\x80"}',
+        "nan": b'{"a": NaN, "b": -Infinity}',
+    }
+    for what, data in lenient.items():
+        refused(upload(hub, "alice/lenient", {"x.json": data}), 415, "not valid UTF-8 JSON", what)
+    assert upload(hub, "alice/lenient", {"x.json": '{"a": "é"}'.encode()})[0] == 200
+
+
+def test_search_finds_text_outside_ascii(hub):
+    assert upload(hub, "alice/accents", {"a.json": b"{}"}, {"task": "résumé-tags"})[0] == 200
+    code, _, found = call(hub, "GET", "/api/adapters?q=r%C3%A9sum%C3%A9")
+    assert code == 200 and [c["name"] for c in found] == ["alice/accents"]

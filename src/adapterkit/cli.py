@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import AdapterError
+from .errors import AdapterError, shown
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -196,7 +196,6 @@ def cmd_hub_gc(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push
-    from .hub.client import shown
 
     card = push(args.folder, args.name, args.hub, args.tag, args.token, args.license, args.task)
     print(f"pushed {args.name} revision {card['revision']} ({', '.join(map(shown, card['files']))})")
@@ -212,7 +211,6 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .hub import search
-    from .hub.client import shown
 
     for card in search(args.query, args.hub, args.token, method=args.method, task=args.task):
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in (card["metrics"] or {}).items())
@@ -444,6 +442,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (AdapterError, OSError) as e:
-        print(f"adapterkit: error: {e}", file=sys.stderr)
+        print(f"adapterkit: error: {shown(str(e))}", file=sys.stderr)  # a hub's or a file's text: no terminal codes
         return 2
     return 0

@@ -15,3 +15,8 @@ class ArchitectureError(AdapterError):
 
 class AdapterFileError(AdapterError):
     """A saved adapter is missing, corrupt, truncated or written for another model."""
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences) written as escapes."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)

@@ -73,6 +73,8 @@ def write_folder(dest: Path, fill: Callable[[Path], None], last: str | None = No
     dest = Path(dest).resolve() if Path(dest).is_symlink() else Path(dest)  # write into the linked folder
     if dest.exists() and not dest.is_dir():
         raise AdapterError(f"{dest} is a file, not a folder: pass a folder path (it will hold several files)")
+    if dest.exists() and not os.access(dest, os.W_OK):
+        raise PermissionError(f"{dest} is not writable: adapterkit does not replace a folder its owner protected")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(8)}"
     tmp.mkdir()  # not mkdtemp: its 0700 would become the destination's mode
@@ -97,11 +99,29 @@ def _place(tmp: Path, dest: Path, last: str | None, stale: set[tuple[str, bool]]
     new = _entries(tmp)
     if not dest.exists():
         tmp.rename(dest)
-    elif not (_entries(dest) <= new | stale and _exchange(tmp, dest)):
+    elif _entries(dest) <= new | stale and _swap(tmp, dest):
+        _return_newcomers(tmp, dest, new | stale)
+    else:
         _merge(tmp, dest, last)
         for name, _ in stale - new:
             (dest / name).unlink(missing_ok=True)
     fsync_folder(dest.parent)
+
+
+def _swap(tmp: Path, dest: Path) -> bool:
+    """Exchange ``tmp`` and ``dest`` (the new folder takes the old one's permissions)."""
+    os.chmod(tmp, dest.stat().st_mode & 0o7777)
+    return _exchange(tmp, dest)
+
+
+def _return_newcomers(old: Path, dest: Path, replaced: set[tuple[str, bool]]) -> None:
+    """Move back what someone put in the destination between the check and the swap: only files the
+    new set replaces may go."""
+    for path, _ in sorted(_entries(old) - replaced):
+        source, target = old / path, dest / path
+        if source.exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source, target)
 
 
 def _entries(root: Path) -> set[tuple[str, bool]]:
@@ -124,6 +144,10 @@ def _merge(tmp: Path, dest: Path, last: str | None) -> None:
     files = sorted((p for p in tmp.rglob("*") if not p.is_dir()), key=lambda p: (p.name == last, str(p)))
     for file in files:
         target = dest / file.relative_to(tmp)
+        if any(parent.is_symlink() for parent in target.parents if parent != dest and dest in parent.parents):
+            raise AdapterError(
+                f"{target.parent} is a link: adapterkit does not write through it; replace it by a folder"
+            )
         if target.is_dir() and not target.is_symlink():
             raise AdapterError(f"{target} is a folder; the new {file.name} cannot replace it: move it away first")
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -28,15 +28,27 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ..errors import AdapterError
+from ..errors import AdapterError, shown
 from ..files import atomic_file, write_atomically, write_folder
 from ..training.report import adapter_folder, is_run
-from .protocol import REVISION, REVISION_PREFIX, Digest, Entry, Key, Stored, Text, parse_json, reason, revision_id
+from .protocol import (
+    REVISION,
+    REVISION_PREFIX,
+    Digest,
+    Entry,
+    Key,
+    Stored,
+    Text,
+    check_tree,
+    parse_json,
+    reason,
+    revision_id,
+)
 from .safety import HubError, check_name, check_path, check_ref
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
 SHARED = (".safetensors", ".json")
-MAX_ANSWER = 64 * 2**20  # a JSON answer; a card's fingerprint of a large base is a few MB
+MAX_ANSWER = 16 * 2**20  # a JSON answer (parsed, it can take ~25x this in memory); a card is well under 1 MB
 CHUNK = 2**20
 
 
@@ -94,7 +106,7 @@ def _open(method: str, url: str, data: bytes | None = None, token: str | None = 
     except urllib.error.HTTPError as e:
         raise HubRequestError(e.code, f"hub {url}: {e.code} {_refusal(e)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
-        raise HubUnreachable(f"cannot reach the hub at {url}: {getattr(e, 'reason', e)}") from None
+        raise HubUnreachable(f"cannot reach the hub at {url}: {shown(str(getattr(e, 'reason', e)))[:300]}") from None
 
 
 def _refusal(error: urllib.error.HTTPError) -> str:
@@ -106,16 +118,11 @@ def _refusal(error: urllib.error.HTTPError) -> str:
     return shown(str(said))[:500]
 
 
-def shown(text: str) -> str:
-    """``text`` safe for a terminal: control characters (escape sequences) written as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def read_bounded(response, limit: int, url: str, sink: Callable[[bytes], None] | None = None) -> bytes:
     """Read a body of at most ``limit`` bytes, refusing more before it is read; with ``sink``, stream
     it there chunk by chunk instead of returning it."""
     declared = response.headers.get("Content-Length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and (not re.fullmatch(r"[0-9]{1,20}", declared) or int(declared) > limit):
         raise AdapterError(f"{url}: the hub announced {shown(declared)[:30]} bytes where at most {limit} fit")
     chunks, size = [], 0
     try:
@@ -337,6 +344,10 @@ def pull(ref: str, hub: str | None = None, token: str | None = None, model=None)
 def _manifest(hub: str, name: str, meta: Answer, token: str | None) -> dict[str, Entry]:
     """The revision's files, checked: plain relative paths, and the revision id they and the card hash to."""
     tree = call("GET", f"{hub}/api/models/{name}/tree/{meta.revision}", token, TREE)
+    try:
+        check_tree([entry.path for entry in tree])
+    except ValueError as e:
+        raise AdapterError(f"the hub listed files of {name} that cannot all exist: {shown(str(e))}") from None
     manifest = {}
     for entry in tree:
         _checked(check_path, entry.path)  # a hub is not trusted with paths on this disk

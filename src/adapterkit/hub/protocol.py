@@ -94,11 +94,25 @@ def revision_id(card: Card, manifest: dict[str, Entry]) -> str:
 
 
 def parse_json(data: bytes | str, what: str) -> Any:
-    """JSON from an untrusted peer: malformed, non-UTF-8 or absurdly nested input raises ValueError."""
+    """Strict JSON from an untrusted peer: UTF-8 without a byte-order mark (``json.loads`` would also take
+    UTF-16/32 bytes), no ``NaN``/``Infinity``; malformed or absurdly nested input raises ValueError."""
     try:
-        return json.loads(data)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"{what} is not valid JSON ({str(e)[:200]})") from None
+        raise ValueError(f"{what} is not valid UTF-8 JSON ({str(e)[:200]})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_tree(paths: list[str]) -> None:
+    """Paths that can all be files at once: none may be a folder of another (``a.json`` and ``a.json/b.json``)."""
+    folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+    clash = sorted(folders & set(paths))
+    if clash:
+        raise ValueError(f"{clash[0]!r} is both a file and a folder of other files")
 
 
 def reason(error: ValidationError) -> str:

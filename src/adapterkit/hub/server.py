@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .bodies import BODIES, AddFile, Commit, DeleteFile, Header, NewRepo, Operation, Preupload, Upload, request_body
@@ -375,11 +376,14 @@ async def _bounded(request: Request, cap: int) -> bytes:
     if int(declared) > cap:
         raise HubError(413, f"the body ({declared} bytes) is over the limit of {cap} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise HubError(413, f"the body is over the limit of {cap} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise HubError(413, f"the body is over the limit of {cap} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer; not a server error
+        raise HubError(400, "the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -453,4 +457,7 @@ def _cell(value: Any) -> str:
 def serve(root: str, host: str = "127.0.0.1", port: int = 8765, private: bool = False, limits: Limits | None = None):
     import uvicorn
 
-    uvicorn.run(create_app(root, private, limits), host=host, port=port, log_level="warning")
+    # Idle keep-alive connections are closed after 5 s, and past 512 requests at once new ones get a 503:
+    # a public hub still belongs behind a reverse proxy that times out slow clients (uvicorn does not).
+    app = create_app(root, private, limits)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=512)

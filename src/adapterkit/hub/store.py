@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_atomically
-from .protocol import Card, Entry, revision_id
+from .protocol import Card, Entry, check_tree, revision_id
 from .safety import HubError, check_content, check_name, check_path, check_ref, check_tag
 
 SCHEMA = """
@@ -116,6 +116,10 @@ class Store:
             raise HubError(413, f"{total} bytes is over the per-upload limit of {self.limits.max_upload_bytes}")
         for tag in tags:
             check_tag(tag)
+        try:
+            check_tree(list(files))
+        except ValueError as e:
+            raise HubError(400, f"refused upload: {e}") from None
         for path, data in sorted(files.items()):
             check_path(path)
             if len(data) > self.limits.max_file_bytes:
@@ -216,7 +220,7 @@ class Store:
         found = []
         for repo, revision, created, raw in rows:
             card = {**_card(raw), "name": repo, "revision": revision, "created": created}
-            if text.lower() not in json.dumps(card).lower():
+            if text.lower() not in json.dumps(card, ensure_ascii=False).lower():
                 continue
             if all(str(card.get(key, "")).lower() == value.lower() for key, value in fields.items() if value):
                 found.append(card)
