@@ -252,7 +252,7 @@ def test_refusals_are_json_errors(hub, tmp_path):
         ({"../x.json": b"{}"}, hub.tokens["alice"], 400, "refused path"),
         ({"/etc/x.json": b"{}"}, hub.tokens["alice"], 400, "absolute"),
         ({"a\x00.json": b"{}"}, hub.tokens["alice"], 400, "NUL"),
-        ({"x.json": b"{not json"}, hub.tokens["alice"], 415, "not valid JSON"),
+        ({"x.json": b"{not json"}, hub.tokens["alice"], 415, "not valid UTF-8 JSON"),
         ({"x.safetensors": good[:-3]}, hub.tokens["alice"], 415, "not a valid safetensors file"),
         ({"x.safetensors": good + b"junk"}, hub.tokens["alice"], 415, "not a valid safetensors file"),
     ]
