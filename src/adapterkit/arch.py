@@ -11,6 +11,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .errors import ArchitectureError
@@ -216,11 +217,22 @@ def find_layers(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[str, nn.Modu
         )
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out), peft's ``fan_in_fan_out``."""
+    return type(module).__name__ == "Conv1D"
+
+
+def out_in(host: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor in ``host``'s weight layout seen as (out, in), or an (out, in) tensor in ``host``'s layout:
+    transposed for ``Conv1D`` (its own inverse), as is for ``nn.Linear``. A view: writes reach ``host``."""
+    return tensor.T if is_conv1d(host) else tensor
+
+
 def features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a Linear or GPT-2 ``Conv1D`` (weight stored (in, out))."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or hasattr(module, "weight"):
         dim = module.weight.shape[-1]

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import abc
 import ast
+import collections
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -36,17 +38,95 @@ from .errors import ConfigError
 Child = Any  # str | Block (| None inside PerRow)
 
 
-def _hidden(out: Any) -> torch.Tensor:
+class LRU:
+    """A cache that keeps its ``maxsize`` most recently used entries, so no traffic can grow it.
+
+    Every cache adapterkit keeps on the serving path is one (:func:`adapterkit.state.caches`)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self.lock = threading.Lock()  # threads serving one model share its caches
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value cached for ``key``, made by ``make()`` (and cached) on a miss."""
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        value = make()
+        with self.lock:
+            self.entries[key] = value
+            while len(self.entries) > self.maxsize:
+                self.entries.popitem(last=False)
+        return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached (a hit counts as a use)."""
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key: Hashable) -> None:
+        """Remember ``key`` (the cache as a bounded set)."""
+        self.get(key, lambda: True)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"maxsize": self.maxsize}  # a copy (deepcopy, pickle) starts empty: a cache refills
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["maxsize"])
+
+
+# Per-row index tensors of PerRow groups, and the PerRow that a BatchSplit/Parallel means per batch size:
+# cheap to make, so a small cache serves the many slots of one forward and a server's recurring mixes.
+INDEX_CACHE = LRU(256)
+ROWS_CACHE = LRU(64)
+CACHES: dict[str, LRU] = {"per_row_index": INDEX_CACHE, "rows_by_batch": ROWS_CACHE}
+
+
+# A host's call and output, the one place that knows their shapes: the first input is the first positional
+# argument or ``hidden_states=`` (else the first keyword); the hidden state of an output is the tensor itself
+# or the first item of a tuple or ModelOutput.
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """The host call's first input: positional, ``hidden_states=``, or else the first keyword (None if none)."""
+    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+
+
+def with_first_input(args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
+    """The call's ``(args, kwargs)`` with its first input (as :func:`first_input` finds it) replaced."""
+    if args:
+        return (value, *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: value}
+
+
+def hidden(out: Any) -> torch.Tensor:
     """A module output's hidden state: the tensor, or the first item of a tuple or ModelOutput."""
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def _with_hidden(out: Any, hidden: torch.Tensor) -> Any:
+def with_hidden(out: Any, value: torch.Tensor) -> Any:
+    """``out`` with its hidden state (as :func:`hidden` finds it) replaced by ``value``."""
     if isinstance(out, torch.Tensor):
-        return hidden
+        return value
     if isinstance(out, tuple):
-        return (hidden, *out[1:])
-    return type(out)(**{**out, next(iter(out.keys())): hidden})
+        return (value, *out[1:])
+    return type(out)(**{**out, next(iter(out.keys())): value})
+
+
+def map_hidden(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``out`` with ``fn`` applied to its hidden state."""
+    return with_hidden(out, fn(hidden(out)))
 
 
 def take(value: Any, index: torch.Tensor, dim: int = 0) -> Any:
@@ -58,7 +138,19 @@ def take(value: Any, index: torch.Tensor, dim: int = 0) -> Any:
 
 def put(out: Any, index: torch.Tensor, new: Any) -> Any:
     """``out`` with rows ``index`` replaced by ``new`` (out of place, so autograd sees it)."""
-    return _with_hidden(out, _hidden(out).index_copy(0, index, _hidden(new)))
+    return with_hidden(out, hidden(out).index_copy(0, index, hidden(new)))
+
+
+def gather_rows(
+    values: Sequence[torch.Tensor] | Sequence[float], index: torch.Tensor, identity: float = 0
+) -> torch.Tensor:
+    """The per-row table of a ``PerRow`` group: ``values`` (one per adapter, equal shapes) stacked with an
+    entry filled with ``identity`` (what "no adapter of this group" means: 0 for an update, 1 for a scale),
+    then row ``i`` takes entry ``index[i]`` (``len(values)``: the identity). Numbers give a tensor on
+    ``index``'s device."""
+    if not isinstance(values[0], torch.Tensor):
+        return torch.tensor([*values, identity], device=index.device)[index]
+    return torch.stack([*values, torch.full_like(values[0], identity)])[index]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -153,17 +245,6 @@ class Stack(Block):
         return [p for child in self.children for p in _prefixes(child, slot, key)]
 
 
-def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-
-
-def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (value, *args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-    return args, {**kwargs, key: value}
-
-
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
 class Average(Block):
     """The weighted mean of the children's outputs (weights normalised to sum to 1)."""
@@ -185,13 +266,15 @@ class Average(Block):
         outs = [_apply(child, slot, host, x, out) for child in self.children]
         if all(o is out for o in outs):
             return out
-        return _with_hidden(out, sum(w * _hidden(o) for w, o in zip(self.weights, outs, strict=True)))
+        return with_hidden(out, sum(w * hidden(o) for w, o in zip(self.weights, outs, strict=True)))
 
     def apply_inputs(self, slot, host, args, kwargs):
         calls = [_apply_inputs(child, slot, host, args, kwargs) for child in self.children]
         if all(c[0] is args and c[1] is kwargs for c in calls):
             return args, kwargs
-        return _replace_first(args, kwargs, sum(w * _first_arg(*c) for w, c in zip(self.weights, calls, strict=True)))
+        return with_first_input(
+            args, kwargs, sum(w * first_input(*c) for w, c in zip(self.weights, calls, strict=True))
+        )
 
 
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
@@ -221,20 +304,20 @@ class Split(Block):
             start += n
 
     def apply(self, slot, host, x, out):
-        h = _hidden(out)
+        h = hidden(out)
         parts = [
-            _hidden(_apply(child, slot, host, take(x, span, 1), take(out, span, 1)))
+            hidden(_apply(child, slot, host, take(x, span, 1), take(out, span, 1)))
             for child, span in zip(self.children, self._spans(h.shape[1], h.device), strict=True)
         ]
-        return _with_hidden(out, torch.cat(parts, dim=1))
+        return with_hidden(out, torch.cat(parts, dim=1))
 
     def apply_inputs(self, slot, host, args, kwargs):
-        first = _first_arg(args, kwargs)
+        first = first_input(args, kwargs)
         parts = []
         for child, span in zip(self.children, self._spans(first.shape[1], first.device), strict=True):
-            part_args, part_kwargs = _replace_first(args, kwargs, first.index_select(1, span))
-            parts.append(_first_arg(*_apply_inputs(child, slot, host, part_args, part_kwargs)))
-        return _replace_first(args, kwargs, torch.cat(parts, dim=1))
+            part_args, part_kwargs = with_first_input(args, kwargs, first.index_select(1, span))
+            parts.append(first_input(*_apply_inputs(child, slot, host, part_args, part_kwargs)))
+        return with_first_input(args, kwargs, torch.cat(parts, dim=1))
 
 
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
@@ -280,7 +363,6 @@ class PerRow(Block):
         if not rows:
             raise ConfigError("PerRow needs one entry per row of the batch")
         object.__setattr__(self, "children", tuple(rows))
-        object.__setattr__(self, "_cache", {})
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.kind, "rows": [c.to_dict() if isinstance(c, Block) else c for c in self.children]}
@@ -294,12 +376,13 @@ class PerRow(Block):
 
     def _index(self, names: tuple[str, ...], device) -> torch.Tensor:
         """Per row: its position in ``names``, or ``len(names)`` (no adapter of this group)."""
-        key = (names, str(device))
-        if key not in self._cache:
+
+        def make() -> torch.Tensor:
             position = {n: i for i, n in enumerate(names)}
             rows = [position.get(r, len(names)) if isinstance(r, str) else len(names) for r in self.children]
-            self._cache[key] = torch.tensor(rows, device=device)
-        return self._cache[key]
+            return torch.tensor(rows, device=device)
+
+        return INDEX_CACHE.get((self.children, names, str(device)), make)
 
     def _groups(self, slot, device) -> Iterator[tuple[type, list, torch.Tensor]]:
         """Adapters present here, grouped by ``row_key`` (those that compute together)."""
@@ -317,7 +400,7 @@ class PerRow(Block):
             yield entry, torch.tensor([i for i, r in enumerate(self.children) if r == entry], device=device)
 
     def apply(self, slot, host, x, out):
-        h = _hidden(out)
+        h = hidden(out)
         self._check(h.shape[0])
         for cls, modules, index in self._groups(slot, h.device):
             out = cls.adapt_rows(host, x, out, modules, index)
@@ -326,7 +409,7 @@ class PerRow(Block):
         return out
 
     def apply_inputs(self, slot, host, args, kwargs):
-        first = _first_arg(args, kwargs)
+        first = first_input(args, kwargs)
         device = first.device if isinstance(first, torch.Tensor) else None
         for cls, modules, index in self._groups(slot, device):
             if modules[0].edits_inputs:
@@ -352,16 +435,13 @@ class _Rows(Block):
         """The :class:`PerRow` this block means for a batch of ``batch`` rows."""
 
     def _rows(self, batch: int) -> PerRow:
-        cache = self.__dict__.setdefault("_per_row", {})
-        if batch not in cache:
-            cache[batch] = self.per_row(batch)
-        return cache[batch]
+        return ROWS_CACHE.get((self, batch), lambda: self.per_row(batch))
 
     def apply(self, slot, host, x, out):
-        return self._rows(_hidden(out).shape[0]).apply(slot, host, x, out)
+        return self._rows(hidden(out).shape[0]).apply(slot, host, x, out)
 
     def apply_inputs(self, slot, host, args, kwargs):
-        return self._rows(_first_arg(args, kwargs).shape[0]).apply_inputs(slot, host, args, kwargs)
+        return self._rows(first_input(args, kwargs).shape[0]).apply_inputs(slot, host, args, kwargs)
 
     def prefixes(self, slot, key):
         return self._rows(key.shape[0]).prefixes(slot, key)

@@ -9,6 +9,7 @@ and the size of what must be stored per task.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import tempfile
@@ -19,11 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import core, io
 from .data import sentiment_splits
 from .errors import AdapterError
+from .training.fit import Loop, Schedule
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -122,15 +123,14 @@ def train_head(model: nn.Module, data: Sequence, run: Run, batch_size: int = 256
         model.eval()
         cached = [(model.base_model(**inputs).pooler_output, labels) for inputs, labels in batches(data, 128)]
     features, labels = torch.cat([f for f, _ in cached]), torch.cat([y for _, y in cached])
-    head = model.classifier
-    optimizer = torch.optim.AdamW(head.parameters(), lr=run.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in tqdm(range(int(run.epochs)), desc=f"{run.label:<17}", leave=False, mininterval=2.0):
-        for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
-            nn.functional.cross_entropy(head(features[idx]), labels[idx]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    steps = int(run.epochs) * math.ceil(len(labels) / batch_size)
+    loop = Loop(model.classifier.parameters(), Schedule(run.lr, steps), modules=[model])
+    loop.run(
+        lambda epoch: torch.randperm(len(labels), generator=generator).split(batch_size),
+        lambda idx: nn.functional.cross_entropy(model.classifier(features[idx]), labels[idx]),
+        label=f"{run.label:<17}",
+    )
     return time.perf_counter() - start
 
 
@@ -141,32 +141,17 @@ def cross_entropy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: tor
 def train(
     model: nn.Module, data: Sequence, run: Run, batch_size: int = 32, seed: int = 0, loss_fn=cross_entropy
 ) -> float:
-    """AdamW with linear warm-up (6%) and decay on ``loss_fn(model, inputs, labels)``; returns wall-clock seconds."""
+    """``adapterkit train``'s loop (:class:`adapterkit.training.fit.Loop`: AdamW, linear warm-up and decay,
+    clipping) on ``loss_fn(model, inputs, labels)`` over length-bucketed batches; returns wall-clock seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps = max(1, int(run.epochs * len(data) / batch_size))
-    optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.01)
-    warmup = max(1, int(0.06 * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
+    loop = Loop(params, Schedule(run.lr, steps), modules=[model])
+    start = time.perf_counter()
+    loop.run(
+        lambda epoch: list(batches(data, batch_size, seed=seed + epoch)),
+        lambda batch: loss_fn(model, *batch),
+        label=f"{run.label:<17}",
     )
-    model.train()
-    start, seen = time.perf_counter(), 0
-    bar = tqdm(total=steps, desc=f"{run.label:<17}", leave=False, mininterval=2.0)
-    epoch = 0
-    while bar.n < steps:
-        for inputs, labels in batches(data, batch_size, seed=seed + epoch):
-            loss = loss_fn(model, inputs, labels)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            seen += len(labels)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ex_per_s=f"{seen / (time.perf_counter() - start):.0f}")
-            bar.update()
-            if bar.n >= steps:
-                break
-        epoch += 1
-    bar.close()
     return time.perf_counter() - start
 
 

@@ -151,13 +151,14 @@ def _merge_lora(model, names, configs, weights, method, rank, density, sign_rule
         if len({c.r for c in configs}) > 1:
             raise ConfigError(f"{method} merges LoRA factors of equal rank; ranks {[c.r for c in configs]}: use svd")
         rank = configs[0].r
-        scaled = [math.sqrt(w * h[next(iter(h))].scaling) for w, h in zip(weights, hosts, strict=True)]
+        scaled = [math.sqrt(w * c.scaling) for w, c in zip(weights, configs, strict=True)]
         generator = torch.Generator().manual_seed(seed)
         for path in hosts[0]:
             for part in ("lora_A", "lora_B"):
                 factors = [getattr(h[path], part).detach() for h in hosts]
                 tensors[f"{path}.{part}"] = combine(factors, scaled, method, density, sign_rule, generator)
-    return LoRAConfig(r=rank, alpha=rank, target_modules=configs[0].target_modules), tensors
+    new = LoRAConfig(r=rank, alpha=rank, target_modules=configs[0].target_modules)  # scaling 1: the factors carry it
+    return new, tensors
 
 
 def _loras(model: nn.Module, name: str) -> dict[str, LoRA]:

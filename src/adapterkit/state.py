@@ -8,12 +8,19 @@ Each host module that carries adapters gets one child :class:`Slot` named ``adap
 The slot's forward hook asks the model's :class:`State` which adapters are active. A
 ``ContextVar`` can override that per thread / asyncio task (``disable_adapters``), so the state
 is never copied into flags on modules.
+
+Hooks of one forward hand values to later hooks (a sub-layer's input to a parallel adapter, a
+prompt's "insert now" flag, gates, the L-adapter's taps) through :class:`Relay` objects, whose values
+live in the forward's :func:`scratch` area: one per thread and model forward, opened by the model's
+pre-hook and dropped by its forward hook, which PyTorch runs even when the forward raises. Nothing
+a forward leaves there outlives it, and the caches are :class:`~adapterkit.composition.LRU` (:func:`caches`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -25,7 +32,41 @@ from . import composition as co
 from .errors import AdapterError
 
 SLOT = "adapterkit"
+CHECKED_SIZE = 256  # setups remembered as valid, per model
 _OVERRIDE: ContextVar[dict[int, co.Block] | None] = ContextVar("adapterkit_active", default=None)
+
+
+class _Frames(threading.local):
+    """Per thread: the scratch areas of the model forwards running now, innermost last, each with the
+    state that opened it. The first (owner None) serves modules called on their own, outside a model."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[State | None, dict]] = [(None, {})]
+
+
+_FRAMES = _Frames()
+
+
+def scratch() -> dict:
+    """The current model forward's scratch area (this thread's): what hooks hand to later hooks of the
+    same forward, keyed by :class:`Relay`. Modules called on their own, outside a model forward, share
+    one area per thread, emptied when the next model forward begins."""
+    return _FRAMES.stack[-1][1]
+
+
+class Relay:
+    """A value that one hook hands to a later hook of the same forward (per thread), kept in the
+    forward's :func:`scratch` area so that it goes when the forward ends, even by an error."""
+
+    def put(self, value: Any) -> None:
+        scratch()[self] = value
+
+    def get(self, default: Any = None) -> Any:
+        return scratch().get(self, default)
+
+    def take(self, default: Any = None) -> Any:
+        """The value, removed from the scratch area (``default`` if none was put)."""
+        return scratch().pop(self, default)
 
 
 @dataclasses.dataclass
@@ -46,7 +87,7 @@ class State:
     active: co.Block = dataclasses.field(default_factory=co.Stack)
     merged: set[str] = dataclasses.field(default_factory=set)
     fingerprint: str | None = None
-    checked: set[co.Block] = dataclasses.field(default_factory=set)  # setups found valid; cleared on change
+    checked: co.LRU = dataclasses.field(default_factory=lambda: co.LRU(CHECKED_SIZE))  # valid setups; cleared on change
     changes: dict[str, Change] = dataclasses.field(default_factory=dict)
     building: str | None = None  # the adapter whose placements are being made: it owns the changes made now
 
@@ -63,8 +104,29 @@ class State:
         finally:
             _OVERRIDE.reset(token)
 
-    def replicate(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Model pre-hook: repeat the batch once per ``Parallel`` branch (labels too)."""
+    def enter(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Model pre-hook: open this forward's scratch area, and repeat the batch per ``Parallel`` branch."""
+        stack = _FRAMES.stack
+        if len(stack) == 1:  # what modules called on their own left is dropped by the next model forward
+            stack[0][1].clear()
+        stack.append((self, {}))
+        return self.replicate(args, kwargs)
+
+    def leave(self, model: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        """Model forward hook, run even when the forward raises: drop the forward's scratch area."""
+        stack = _FRAMES.stack
+        if len(stack) > 1 and stack[-1][0] is self:  # not opened if an earlier pre-hook raised
+            stack.pop()
+
+    def install(self, model: nn.Module) -> None:
+        """Hook ``model``: :meth:`enter` before its forward, :meth:`leave` after every other forward hook
+        (the slot on the model itself runs before it), and when the forward raises."""
+        _ensure_hook(model, model._forward_pre_hooks, self.enter, True)
+        _ensure_hook(model, model._forward_hooks, self.leave, False)
+        _ensure_hook(model, model._forward_hooks, self.leave, True, always_call=True)
+
+    def replicate(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Repeat the batch once per ``Parallel`` branch (labels too)."""
         copies = self.current().replicas()
         if copies == 1:
             return None
@@ -108,26 +170,30 @@ class Slot(nn.ModuleDict):
         return self.state.current().apply_inputs(self, host, args, kwargs)
 
     def hook(self, host: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-        return self.state.current().apply(self, host, x, out)
+        return self.state.current().apply(self, host, co.first_input(args, kwargs), out)
 
     def sync(self, host: nn.Module) -> None:
         """Hook the host only while some adapter here is unmerged: merged LoRA costs nothing."""
         live = [a for name, a in self._modules.items() if name not in self.state.merged]
         _ensure_hook(host, host._forward_hooks, self.hook, bool(live))
         _ensure_hook(host, host._forward_pre_hooks, self.prehook, any(a.edits_inputs for a in live))
+        if host.__dict__.get("_adapterkit_state") is self.state:  # the model itself: its leave hook stays last
+            self.state.install(host)
 
 
-def _ensure_hook(host: nn.Module, hooks: dict, fn: Any, wanted: bool) -> None:
+def _ensure_hook(host: nn.Module, hooks: dict, fn: Any, wanted: bool, always_call: bool = False) -> None:
     # Found by identity rather than a stored handle, so deep copies of the model stay right.
     key = next((k for k, h in hooks.items() if getattr(h, "__self__", None) is fn.__self__ and h == fn), None)
     if wanted and key is None:
-        register = host.register_forward_hook if hooks is host._forward_hooks else host.register_forward_pre_hook
-        register(fn, with_kwargs=True)
+        if hooks is host._forward_hooks:
+            host.register_forward_hook(fn, with_kwargs=True, always_call=always_call)
+        else:
+            host.register_forward_pre_hook(fn, with_kwargs=True)
     elif not wanted and key is not None:
         del hooks[key]
-        host._forward_hooks_with_kwargs.pop(key, None)
-        host._forward_pre_hooks_with_kwargs.pop(key, None)
+        for options in (host._forward_hooks_with_kwargs, host._forward_pre_hooks_with_kwargs):
+            options.pop(key, None)
+        host._forward_hooks_always_called.pop(key, None)
 
 
 def get_state(model: nn.Module, create: bool = False) -> State:
@@ -136,15 +202,29 @@ def get_state(model: nn.Module, create: bool = False) -> State:
         if not create:
             raise AdapterError(f"{type(model).__name__} has no adapters; call ak.add_adapter first")
         state = model.__dict__["_adapterkit_state"] = State()
-        model.register_forward_pre_hook(state.replicate, with_kwargs=True)
+        state.install(model)
     return state
 
 
 def forget(model: nn.Module) -> None:
-    """Remove adapterkit's state and its model hook: the model is as it was before the first adapter."""
+    """Remove adapterkit's state and its model hooks: the model is as it was before the first adapter."""
     state = model.__dict__.pop("_adapterkit_state", None)
     if state is not None:
-        _ensure_hook(model, model._forward_pre_hooks, state.replicate, False)
+        _ensure_hook(model, model._forward_pre_hooks, state.enter, False)
+        _ensure_hook(model, model._forward_hooks, state.leave, False)
+
+
+def caches(model: nn.Module) -> dict[str, co.LRU]:
+    """Every cache adapterkit keeps that traffic could grow, by name: the setups ``model`` found valid,
+    and the per-row indices and row layouts of ``PerRow``/``BatchSplit``/``Parallel`` (shared by all
+    models). Each holds at most its ``maxsize`` entries."""
+    state = model.__dict__.get("_adapterkit_state")
+    return {**({"checked_setups": state.checked} if state else {}), **co.CACHES}
+
+
+def cache_sizes(model: nn.Module) -> dict[str, int]:
+    """How many entries each of :func:`caches` holds now."""
+    return {name: len(cache) for name, cache in caches(model).items()}
 
 
 def change(model: nn.Module, key: str, apply: Callable[[], Callable[[], None]]) -> None:

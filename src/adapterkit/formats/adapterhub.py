@@ -355,7 +355,7 @@ def _lora_dict(model: nn.Module, name: str, config: LoRAConfig | IA3Config) -> d
         return {**_IA3, **layout}
     if config.use_dora:
         raise unsupported(NAME, "use_dora", True, "AdapterHub's DoRA computes differently; save as 'peft'")
-    alpha = config.alpha * config.r**0.5 if config.use_rslora else config.alpha  # the same alpha / sqrt(r)
+    alpha = config.scaling * config.r if config.use_rslora else config.alpha  # AdapterHub scales by alpha / r
     return {**_LORA, **layout, "r": config.r, "alpha": alpha, "dropout": config.dropout}
 
 

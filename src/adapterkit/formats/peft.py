@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import model_type, spec_for
+from ..arch import is_conv1d, model_type, spec_for
 from ..backbone import base_prefix, head_parameters
 from ..methods import AdapterConfig, IA3Config, LoRAConfig, PrefixConfig, PromptConfig
 from ..methods.ia3 import IA3Input
@@ -145,7 +145,7 @@ def _task_type(model: nn.Module, config: AdapterConfig) -> str | None:
 def _method_fields(model: nn.Module, name: str, config: AdapterConfig) -> dict[str, Any]:
     found = list(entries(model, name))
     hosts = sorted({e.host for e in found})
-    conv1d = {type(model.get_submodule(_full(model, h))).__name__ == "Conv1D" for h in hosts}
+    conv1d = {is_conv1d(model.get_submodule(_full(model, h))) for h in hosts}
     if isinstance(config, LoRAConfig):
         _refuse_gating(config)
         if len(conv1d) > 1:

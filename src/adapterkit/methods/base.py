@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, is_conv1d
 from ..composition import loop_kv_rows, loop_rows
 from ..errors import AdapterError, ConfigError
 from ..state import SLOT
@@ -139,13 +139,6 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def map_hidden(out: Any, fn) -> Any:
-    """Apply ``fn`` to a module's hidden-state output, which some modules return in a tuple."""
-    if isinstance(out, tuple):
-        return (fn(out[0]), *out[1:])
-    return fn(out)
-
-
 def param_dtype(host: nn.Module) -> torch.dtype:
     """Adapters train in fp32 even on a half-precision base model."""
     dtype = next(host.parameters()).dtype
@@ -154,7 +147,7 @@ def param_dtype(host: nn.Module) -> torch.dtype:
 
 def is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer with its weight stored (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def find_targets(
@@ -189,14 +182,6 @@ def call_arguments(host: nn.Module, args: tuple, kwargs: dict) -> dict:
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
             arguments.update(arguments.pop(name))
     return arguments
-
-
-def replace_first(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
-    """Apply ``fn`` to a call's first argument, positional or ``hidden_states=``."""
-    if args:
-        return (fn(args[0]), *args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-    return args, {**kwargs, key: fn(kwargs[key])}
 
 
 def share(module: nn.Module, name: str, value: Any, owner: bool) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..arch import ArchSpec, features, find_layers, spec_for
-from .base import AdapterConfig, AdapterModule, check, map_hidden, param_dtype, share
+from ..composition import gather_rows, map_hidden
+from ..state import Relay
+from .base import AdapterConfig, AdapterModule, check, param_dtype, share
 
 INITS = ("bert", "mam_adapter", "houlsby")
 
@@ -131,9 +132,7 @@ def rows(bottlenecks: list[Bottleneck], h: torch.Tensor, index: torch.Tensor) ->
     down_b = [F.pad(b.adapter_down.bias, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
     up_w = [F.pad(b.adapter_up.weight * b.scaling, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
     up_b = [b.adapter_up.bias * b.scaling for b in bottlenecks]
-    down_w, down_b, up_w, up_b = (
-        torch.stack(t + [torch.zeros_like(t[0])])[index] for t in (down_w, down_b, up_w, up_b)
-    )
+    down_w, down_b, up_w, up_b = (gather_rows(t, index) for t in (down_w, down_b, up_w, up_b))
     flat = h32.reshape(h32.shape[0], -1, h32.shape[-1])  # (B, T, H)
     mid = first.act(torch.baddbmm(down_b[:, None], flat, down_w.transpose(1, 2)))  # (B, T, size)
     out = first.dropout(torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)))
@@ -192,23 +191,10 @@ class NormAdapter(_Site):
         return host.forward(fusion(out, [m.bottleneck(out) for m in modules]) + z)
 
 
-class _Box:
-    """Hands a tensor from one hook to a later one in the same forward, per thread."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, torch.Tensor] = {}
-
-    def put(self, x: torch.Tensor) -> None:
-        self.values[threading.get_ident()] = x
-
-    def take(self) -> torch.Tensor:
-        return self.values.pop(threading.get_ident())
-
-
 class Capture(_Site):
     """Keeps its host's input for a :class:`ParallelAdapter` further down the sub-layer."""
 
-    def __init__(self, box: _Box) -> None:
+    def __init__(self, box: Relay) -> None:
         super().__init__()
         self.box = box
 
@@ -233,7 +219,7 @@ class Capture(_Site):
 class ParallelAdapter(_Site):
     """Beside a sub-layer: ``out + A(x)`` with ``x`` the sub-layer's input."""
 
-    def __init__(self, bottleneck: Bottleneck, box: _Box | None = None) -> None:
+    def __init__(self, bottleneck: Bottleneck, box: Relay | None = None) -> None:
         super().__init__()
         self.bottleneck = bottleneck
         self.box = box
@@ -338,7 +324,7 @@ class BottleneckConfig(AdapterConfig):
         if self.is_parallel:
             if sub_out.startswith(sub_in + "."):  # the input module computes the whole sub-layer
                 return [(f"{layer}.{sub_in}", ParallelAdapter(new()))]
-            box = _Box()
+            box = Relay()
             return [(f"{layer}.{sub_in}", Capture(box)), (f"{layer}.{sub_out}", ParallelAdapter(new(), box))]
         if not self.original_ln_before:
             return [(f"{layer}.{sub_out}", SequentialAdapter(new()))]

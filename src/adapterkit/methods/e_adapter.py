@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, features, find_layers, spec_for
-from .base import AdapterConfig, AdapterModule, check, map_hidden, param_dtype
+from ..composition import map_hidden
+from .base import AdapterConfig, AdapterModule, check, param_dtype
 
 
 class Branch(nn.Module):

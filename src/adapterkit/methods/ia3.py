@@ -19,14 +19,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..arch import ArchSpec, features, find_layers, spec_for
+from ..arch import ArchSpec, features, find_layers, out_in, spec_for
+from ..composition import first_input, gather_rows, with_first_input
 from ..errors import AdapterError
-from .base import AdapterConfig, AdapterModule, check, find_targets, param_dtype, replace_first
+from .base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
 
 
 def _scale_weight(host: nn.Module, vector: torch.Tensor, along_out: bool) -> None:
     """Multiply the host's (out, in) weight by ``vector`` along out (rows) or in (columns)."""
-    weight = host.weight if isinstance(host, nn.Linear) else host.weight.T
+    weight = out_in(host, host.weight)
     weight.mul_((vector[:, None] if along_out else vector[None, :]).to(weight.dtype))
 
 
@@ -75,14 +76,16 @@ class IA3Input(AdapterModule):
     why_not = "IA3 scales its host's input, which is sliced per row only for a direct PerRow entry"
 
     def adapt_inputs(self, host, args, kwargs):
-        return replace_first(args, kwargs, lambda x: x * self.ia3_l.to(x.dtype))
+        x = first_input(args, kwargs)
+        return with_first_input(args, kwargs, x * self.ia3_l.to(x.dtype))
 
     def row_key(self):
         return (IA3Input, self.ia3_l.shape[0])
 
     @staticmethod
     def adapt_inputs_rows(host, args, kwargs, modules: list[IA3Input], index: torch.Tensor):
-        return replace_first(args, kwargs, lambda x: x * _per_row(modules, index, x))
+        x = first_input(args, kwargs)
+        return with_first_input(args, kwargs, x * _per_row(modules, index, x))
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
@@ -96,8 +99,8 @@ class IA3Input(AdapterModule):
 
 def _per_row(modules: list, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Row ``i``'s vector (ones for no adapter), shaped to broadcast over ``like`` (B, ..., F)."""
-    table = torch.stack([m.ia3_l for m in modules] + [torch.ones_like(modules[0].ia3_l)])
-    return table[index].to(like.dtype).view(like.shape[0], *[1] * (like.ndim - 2), -1)
+    rows = gather_rows([m.ia3_l for m in modules], index, identity=1)
+    return rows.to(like.dtype).view(like.shape[0], *[1] * (like.ndim - 2), -1)
 
 
 def _refuse_zeros(vector: torch.Tensor) -> None:

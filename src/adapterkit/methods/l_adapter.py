@@ -10,46 +10,35 @@ combination. Init as the E-adapter: N(0, 1e-3) weights, zero biases.
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import torch
 from torch import nn
 
 from ..arch import ArchSpec, features, find_layers, spec_for
 from ..backbone import base_prefix
+from ..composition import hidden, with_hidden
+from ..state import Relay
 from .base import AdapterModule, check, param_dtype
 from .e_adapter import Branch, BranchConfig, layer_range
 
 WHY = "the L-adapter replaces the encoder's output by a weighted sum over its layers; use it alone or in a Stack"
 
 
-class _Taps:
-    """The L-branch outputs of the current forward, per thread, in layer order."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, list[torch.Tensor]] = {}
-
-    def add(self, value: torch.Tensor) -> None:
-        self.values.setdefault(threading.get_ident(), []).append(value)
-
-    def take(self) -> list[torch.Tensor]:
-        return self.values.pop(threading.get_ident(), [])
-
-
 class LTap(AdapterModule):
-    """On an encoder layer: records ``h + LN(Up(ReLU(Down(h))))``; the layer's output is unchanged."""
+    """On the ``index``-th chosen encoder layer: records ``h + LN(Up(ReLU(Down(h))))`` in ``taps`` (a
+    ``{index: tensor}`` for this forward); the layer's output is unchanged."""
 
     blocks = frozenset()
     why_not = WHY
 
-    def __init__(self, branch: Branch, taps: _Taps) -> None:
+    def __init__(self, branch: Branch, taps: Relay, index: int) -> None:
         super().__init__()
         self.branch = branch
-        self.taps = taps
+        self.taps, self.index = taps, index
 
     def adapt(self, host, x, out):
-        h = out if isinstance(out, torch.Tensor) else out[0]
-        self.taps.add(h + self.branch(h))
+        h = hidden(out)
+        self.taps.put({**self.taps.get({}), self.index: h + self.branch(h)})  # by index: a rerun layer overwrites
         return out
 
 
@@ -59,24 +48,20 @@ class LCombine(AdapterModule):
     blocks = frozenset()
     why_not = WHY
 
-    def __init__(self, count: int, taps: _Taps, dtype: torch.dtype) -> None:
+    def __init__(self, count: int, taps: Relay, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer_weights = nn.Parameter(torch.zeros(count, dtype=dtype))
         self.taps = taps
 
     def adapt(self, host, x, out):
-        taps = self.taps.take()
+        found = self.taps.take({})
+        taps = [found[i] for i in range(len(self.layer_weights)) if i in found]
         check(
             len(taps) == len(self.layer_weights), f"the L-adapter saw {len(taps)} of {len(self.layer_weights)} layers"
         )
         weights = torch.softmax(self.layer_weights, dim=0)
         combined = sum(w * t for w, t in zip(weights, taps, strict=True))
-        if isinstance(out, torch.Tensor):
-            return combined.to(out.dtype)
-        if isinstance(out, tuple):
-            return (combined.to(out[0].dtype), *out[1:])
-        out["last_hidden_state"] = combined.to(out["last_hidden_state"].dtype)
-        return out
+        return with_hidden(out, combined.to(hidden(out).dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +77,10 @@ class LAdapterConfig(BranchConfig):
         chosen = layer_range(self.layers, len(found))
         host = found[0][1].get_submodule(spec.ffn_out)
         dim, dtype = features(host)[1], param_dtype(host)
-        taps = _Taps()
+        taps = Relay()
         placements = [
-            (found[i][0], LTap(Branch(dim, self.bottleneck_size, self.init_std, dtype), taps)) for i in chosen
+            (found[i][0], LTap(Branch(dim, self.bottleneck_size, self.init_std, dtype), taps, k))
+            for k, i in enumerate(chosen)
         ]
         encoder = (base_prefix(model) + spec.prompt_strip).rstrip(".")
         return placements + [(encoder, LCombine(len(chosen), taps, dtype))]

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import ArchSpec, features, spec_for
-from ..composition import loop_rows
+from ..arch import ArchSpec, features, out_in, spec_for
+from ..composition import gather_rows, loop_rows
 from ..errors import AdapterError, ConfigError
 from .base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 
@@ -58,7 +58,7 @@ class LoRA(_Additive):
         self.lora_A = nn.Parameter(torch.empty(config.r, fan_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, config.r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        self.scaling = config.scaling
         if config.init_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / config.r)
         else:
@@ -94,10 +94,10 @@ class LoRA(_Additive):
         rank = max(m.lora_A.shape[0] for m in modules)
         a = [F.pad(m.lora_A, (0, 0, 0, rank - m.lora_A.shape[0])) for m in modules]
         b = [F.pad(m.lora_B * m.scaling, (0, rank - m.lora_B.shape[1])) for m in modules]
-        a, b = torch.stack(a + [torch.zeros_like(a[0])]), torch.stack(b + [torch.zeros_like(b[0])])
+        a, b = gather_rows(a, index), gather_rows(b, index)  # (B, rank, in), (B, out, rank)
         x = modules[0].dropout(x.to(a.dtype))
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        delta = torch.bmm(torch.bmm(rows, a[index].transpose(1, 2)), b[index].transpose(1, 2))  # (B, T, out)
+        delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
         return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
@@ -106,17 +106,12 @@ class LoRA(_Additive):
 
     def delta_weight(self, host: nn.Module) -> torch.Tensor:
         """``s B A`` in the host's layout (transposed for ``Conv1D``)."""
-        return self.delta() if isinstance(host, nn.Linear) else self.delta().T
+        return out_in(host, self.delta())
 
     def merge(self, host: nn.Module) -> None:
         if self.gate is not None:
             raise AdapterError("a gated LoRA depends on its input and cannot be merged")
         super().merge(host)
-
-
-def _weight_oi(host: nn.Module) -> torch.Tensor:
-    """The host's weight as an (out, in) view (``Conv1D`` stores it transposed)."""
-    return host.weight if isinstance(host, nn.Linear) else host.weight.T
 
 
 class DoRA(LoRA):
@@ -125,13 +120,13 @@ class DoRA(LoRA):
     def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
         super().__init__(host, config)
         with torch.no_grad():
-            norm = _weight_oi(host).to(self.lora_A.dtype).norm(dim=1)
+            norm = out_in(host, host.weight).to(self.lora_A.dtype).norm(dim=1)
         self.lora_magnitude = nn.Parameter(norm)
         self.register_buffer("merged_norm", None, persistent=False)
 
     def scale(self, host: nn.Module) -> torch.Tensor:
         """``m / ||W + s B A||`` per output row, the norm detached as in the DoRA paper."""
-        weight = _weight_oi(host).to(self.lora_A.dtype) + self.delta().detach()
+        weight = out_in(host, host.weight).to(self.lora_A.dtype) + self.delta().detach()
         return self.lora_magnitude / weight.norm(dim=1).detach()
 
     def adapt(self, host, x, out):
@@ -139,20 +134,20 @@ class DoRA(LoRA):
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base = out.to(x.dtype) - (host.bias if host.bias is not None else 0)
         else:  # the base output of the dropped-out input, as peft
-            base = F.linear(x, _weight_oi(host).to(x.dtype))
+            base = F.linear(x, out_in(host, host.weight).to(x.dtype))
         scale = self.scale(host)
         return out + ((scale - 1) * base + scale * self.lora(x) * self.scaling).to(out.dtype)
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
-        weight = _weight_oi(host)
+        weight = out_in(host, host.weight)
         self.merged_norm = (weight.to(self.lora_A.dtype) + self.delta()).norm(dim=1)
         factor = (self.lora_magnitude / self.merged_norm)[:, None]
         weight.copy_((factor * (weight + self.delta())).to(weight.dtype))
 
     @torch.no_grad()
     def unmerge(self, host: nn.Module) -> None:
-        weight = _weight_oi(host)
+        weight = out_in(host, host.weight)
         factor = (self.lora_magnitude / self.merged_norm)[:, None]
         weight.copy_((weight / factor - self.delta()).to(weight.dtype))
         self.merged_norm = None
@@ -167,7 +162,7 @@ class LoRAEmbedding(_Additive):
         self.lora_embedding_A = nn.Parameter(torch.zeros(config.r, host.num_embeddings, dtype=dtype, device=device))
         self.lora_embedding_B = nn.Parameter(torch.empty(host.embedding_dim, config.r, dtype=dtype, device=device))
         nn.init.normal_(self.lora_embedding_B)
-        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        self.scaling = config.scaling
 
     def adapt(self, host, x, out):
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=host.padding_idx)
@@ -189,7 +184,7 @@ class LoRAConv(_Additive):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        self.scaling = config.scaling
 
     def adapt(self, host, x, out):
         return out + (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(
@@ -228,6 +223,11 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     init_weights: str = "kaiming"
     use_gating: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """What the update ``B A x`` is multiplied by: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import threading
 from collections.abc import Callable
 
 import torch
@@ -32,8 +31,9 @@ from torch import nn
 from .. import state as st
 from ..arch import ArchSpec, find_layers, spec_for
 from ..backbone import base_prefix
+from ..composition import first_input, gather_rows
 from ..errors import ConfigError
-from ..state import SLOT
+from ..state import SLOT, Relay
 from .base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 
 
@@ -96,7 +96,7 @@ class Prefix(AdapterModule):
         self.index, self.kv_heads = index, kv_heads
         self.gate = nn.Linear(hidden, 2, dtype=generator.dtype) if gating else None
         self.edits_inputs = gating
-        self.gates: dict[int, torch.Tensor] = {}  # per thread, set before each attention call
+        self.gates = Relay()  # set before each attention call
         if gating:
             self.blocks = frozenset()
             self.why_not = "a gated prefix (UniPELT) sets its gates from the whole batch; use it alone or in a Stack"
@@ -110,17 +110,16 @@ class Prefix(AdapterModule):
         longest and masked beyond its own length (the last index: no prefix)."""
         layers = [m.generator.layer(m.index).to(key.dtype) for m in modules]  # (P_k, 2 * kv) each
         length = max(t.shape[0] for t in layers)
-        table = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in layers + [layers[0][:0]]])
-        sizes = torch.tensor([t.shape[0] for t in layers] + [0], device=key.device)
-        visible = torch.arange(length, device=key.device)[None] < sizes[:, None]  # (K + 1, P)
-        rows = table[index]  # (B, P, 2 * kv)
+        rows = gather_rows([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in layers], index)  # (B, P, 2 * kv)
+        sizes = gather_rows([t.shape[0] for t in layers], index)  # (B,)
+        visible = torch.arange(length, device=key.device)[None] < sizes[:, None]  # (B, P)
         heads = modules[0].kv_heads
         keys, values = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in rows.chunk(2, dim=-1))
-        return [(keys, values, visible[index])]
+        return [(keys, values, visible)]
 
     def adapt_inputs(self, host, args, kwargs):
-        x = args[0] if args else kwargs.get("hidden_states")
-        self.gates[threading.get_ident()] = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).mean(dim=1)
+        x = first_input(args, kwargs)
+        self.gates.put(torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).mean(dim=1))
         return args, kwargs
 
     def kv_prefix(self, key: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +131,7 @@ class Prefix(AdapterModule):
 
         keys, values = heads(keys), heads(values)
         if self.gate is not None:
-            gates = self.gates.pop(threading.get_ident()).to(key.dtype)  # (B, 2)
+            gates = self.gates.take().to(key.dtype)  # (B, 2)
             keys, values = keys * gates[:, 0, None, None, None], values * gates[:, 1, None, None, None]
         return [(keys, values)]
 
@@ -172,7 +171,7 @@ class PositionShift(AdapterModule):
 
     @staticmethod
     def adapt_inputs_rows(host, args, kwargs, modules: list[PositionShift], index: torch.Tensor):
-        lengths = torch.tensor([m.length for m in modules] + [0], device=index.device)[index]
+        lengths = gather_rows([m.length for m in modules], index)
         return PositionShift.shift(host, args, kwargs, lengths[:, None])
 
 

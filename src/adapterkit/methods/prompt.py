@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +26,10 @@ from torch import nn
 
 from ..arch import ArchSpec, spec_for
 from ..backbone import base_prefix
+from ..composition import gather_rows, hidden, with_hidden
 from ..errors import ConfigError
+from ..state import Relay
 from .base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
-
-
-class _Flag:
-    """Whether the current forward (per thread) inserts the prompt."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, bool] = {}
-
-    def set(self, value: bool) -> None:
-        self.values[threading.get_ident()] = value
-
-    def get(self) -> bool:
-        return self.values.get(threading.get_ident(), True)
-
 
 _WHY = "a prompt changes the sequence length; use Stack, or PerRow/BatchSplit/Parallel of adapter names"
 
@@ -58,7 +45,7 @@ class _PromptPart(AdapterModule):
 def _lengths(modules: list, index: torch.Tensor) -> tuple[int, torch.Tensor]:
     """The longest prompt, and each row's prompt length (0: none)."""
     sizes = [m.prompt.shape[0] if hasattr(m, "prompt") else m.prompt_embedding.shape[0] for m in modules]
-    return max(sizes), torch.tensor(sizes + [0], device=index.device)[index]
+    return max(sizes), gather_rows(sizes, index)
 
 
 class PromptCall(_PromptPart):
@@ -71,7 +58,7 @@ class PromptCall(_PromptPart):
 
     edits_inputs = True
 
-    def __init__(self, prompt: nn.Parameter, flag: _Flag, shift_positions: bool) -> None:
+    def __init__(self, prompt: nn.Parameter, flag: Relay, shift_positions: bool) -> None:
         super().__init__()
         share(self, "prompt", prompt, owner=False)
         self.flag, self.shift_positions = flag, shift_positions
@@ -80,7 +67,7 @@ class PromptCall(_PromptPart):
         bound = call_arguments(host, args, kwargs)
         cache = bound.get("cache", bound.get("past_key_values"))
         insert = cache is None or cache.get_seq_length() == 0
-        self.flag.set(insert)
+        self.flag.put(insert)
         length = self.prompt.shape[0]
         mask = bound.get("attention_mask")
         if mask is not None and mask.ndim == 2:
@@ -98,7 +85,7 @@ class PromptCall(_PromptPart):
         past = cache.get_seq_length() if cache is not None else 0
         insert = past == 0
         for m in modules:
-            m.flag.set(insert)
+            m.flag.put(insert)
         tokens = next((bound[k] for k in ("input_ids", "inputs_embeds") if bound.get(k) is not None), None)
         if tokens is None or "attention_mask" not in inspect.signature(type(host).forward).parameters:
             raise ConfigError(
@@ -128,52 +115,52 @@ class PromptCall(_PromptPart):
 class PromptInsert(_PromptPart):
     """On the embedding module: ``(B, T, H) -> (B, P + T, H)`` with ``prompt_embedding`` (P, H)."""
 
-    def __init__(self, prompt: nn.Parameter, flag: _Flag) -> None:
+    def __init__(self, prompt: nn.Parameter, flag: Relay) -> None:
         super().__init__()
         self.prompt_embedding = prompt
         self.flag = flag
 
     def adapt(self, host, x, out):
-        if not self.flag.get():
+        if not self.flag.get(True):
             return out
         prompt = self.prompt_embedding.to(out.dtype).expand(out.shape[0], -1, -1)
         return torch.cat([prompt, out], dim=1)
 
     @staticmethod
     def adapt_rows(host, x, out, modules: list[PromptInsert], index: torch.Tensor):
-        if not modules[0].flag.get():
+        if not modules[0].flag.get(True):
             return out
         length, _ = _lengths(modules, index)
-        prompts = [m.prompt_embedding for m in modules]
-        table = torch.stack([F.pad(p, (0, 0, length - p.shape[0], 0)) for p in prompts + [prompts[0][:0]]])
-        return torch.cat([table[index].to(out.dtype), out], dim=1)  # (B, P + T, H), prompts right-aligned
+        prompts = gather_rows(
+            [F.pad(m.prompt_embedding, (0, 0, length - m.prompt_embedding.shape[0], 0)) for m in modules], index
+        )
+        return torch.cat([prompts.to(out.dtype), out], dim=1)  # (B, P + T, H), prompts right-aligned
 
 
 class PromptStrip(_PromptPart):
     """On the last module of the stack: drop the P prompt positions again."""
 
-    def __init__(self, prompt: nn.Parameter, flag: _Flag) -> None:
+    def __init__(self, prompt: nn.Parameter, flag: Relay) -> None:
         super().__init__()
         share(self, "prompt", prompt, owner=False)
         self.flag = flag
 
     def adapt(self, host, x, out):
-        if not self.flag.get():
+        if not self.flag.get(True):
             return out
         return self.strip(out, self.prompt.shape[0])
 
     @staticmethod
     def adapt_rows(host, x, out, modules: list[PromptStrip], index: torch.Tensor):
-        if not modules[0].flag.get():
+        if not modules[0].flag.get(True):
             return out
         return PromptStrip.strip(out, _lengths(modules, index)[0])
 
     @staticmethod
     def strip(out, length: int):
-        if isinstance(out, torch.Tensor):
-            return out[:, length:]
-        out["last_hidden_state"] = out["last_hidden_state"][:, length:]
-        if out.get("hidden_states") is not None:
+        """The output without its first ``length`` positions (a ModelOutput's ``hidden_states`` too)."""
+        out = with_hidden(out, hidden(out)[:, length:])
+        if not isinstance(out, (torch.Tensor, tuple)) and out.get("hidden_states") is not None:
             out["hidden_states"] = tuple(h[:, length:] for h in out["hidden_states"])
         return out
 
@@ -212,7 +199,7 @@ class PromptConfig(AdapterConfig):
         prefix = base_prefix(model)
         after = model.get_submodule(prefix + spec.prompt_after)
         prompt = nn.Parameter(self._init(model, after))
-        flag = _Flag()
+        flag = Relay()  # whether this forward inserts the prompt (not a generation step)
         backbone = prefix[:-1] if prefix else ""
         return [
             (backbone, PromptCall(prompt, flag, spec.prompt_before_positions)),

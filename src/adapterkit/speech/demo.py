@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 from .. import core
 from ..ct2whisper import load_encoder
 from ..methods import EAdapterConfig, LAdapterConfig, PAdapterConfig, UnionConfig
+from ..training.fit import Loop, Schedule
 from . import data, heads, metrics
 
 WINDOW = 3.0  # seconds: 300 mel frames, 150 encoder frames
@@ -42,6 +44,7 @@ ROWS = [  # label, preset or config (None: full fine-tuning), learning rate
     ("ELP", UnionConfig([E, L, PAdapterConfig()]), 2e-3),
 ]
 TASKS = ("speaker", "emotion", "intent", "asr")
+BATCH = 16
 HEAD_LR = 1e-3  # every row's task head (a head on the frozen encoder: EER 39.6% at 1e-3, 47.9% at 1e-4)
 
 
@@ -123,17 +126,16 @@ def run(
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": lr},
         {"params": list(head.parameters()), "lr": head_lr},
     ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     generator = torch.Generator().manual_seed(0)
+    steps = sizes.epochs * math.ceil(len(train.labels) / BATCH)
+    loop = Loop(groups, Schedule(lr, steps), modules=[encoder, head])
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        h = encoder(train.features[rows]).last_hidden_state
+        return loss(task, head, h, train.valid[rows], [train.labels[i] for i in rows], classes)
+
     start = time.perf_counter()
-    for _ in range(sizes.epochs):
-        encoder.train(), head.train()
-        for rows in torch.randperm(len(train.labels), generator=generator).split(16):
-            h = encoder(train.features[rows]).last_hidden_state
-            value = loss(task, head, h, train.valid[rows], [train.labels[i] for i in rows], classes)
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    loop.run(lambda epoch: torch.randperm(len(train.labels), generator=generator).split(BATCH), step_loss, show=False)
     return {
         "trainable": trainable,
         "score": score(task, encoder, head, test, classes),

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import core, io
 from ..errors import AdapterError
@@ -28,6 +27,7 @@ from ..files import write_folder
 from . import checkpoint as ck
 from . import report
 from .distributed import Distributed
+from .fit import Loop, Schedule
 from .tables import read_table
 from .tasks import Task, make_task
 
@@ -101,22 +101,19 @@ class Run:
         self.wrapped = dist.wrap(self.model)
         self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        schedule = Schedule(
+            config.learning_rate, self.total_steps, config.weight_decay, config.warmup, config.max_grad_norm
+        )
+        self.position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped": False}
+        self.position |= {"examples": 0, "seconds": 0.0}  # training throughput over the whole run, resumes included
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loop = Loop(params, schedule, modules=[self.wrapped], position=self.position)
         self.metric = config.metric or self.task.metrics[0]
         if self.metric not in self.task.metrics:
             raise AdapterError(f"task {self.task.name} reports {self.task.metrics}, not {self.metric!r}")
-        self.position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped": False}
-        self.position |= {"examples": 0, "seconds": 0.0}  # training throughput over the whole run, resumes included
         self.history: dict[str, list] = {"loss": [], "eval": []}
         if config.resume:
             self._resume()
-
-    def _lr_factor(self, step: int) -> float:
-        """Linear warm-up over ``warmup`` of the steps, then linear decay to 0."""
-        warm = max(1, int(self.config.warmup * self.total_steps))
-        return min((step + 1) / warm, max(0.0, (self.total_steps - step) / (self.total_steps - warm + 1)))
 
     def _check_output(self) -> None:
         held = (self.out / "checkpoints" / ck.POINTER).exists()
@@ -134,56 +131,41 @@ class Run:
     def _description(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.config), "labels": self.task.labels, "command": self.command}
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- the loop (training.fit.Loop) --------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        bar = tqdm(total=self.total_steps, initial=self.position["step"], disable=not self.dist.main, desc="train")
-        while self.position["step"] < self.total_steps and not self.position["stopped"]:
-            self.wrapped.train()  # evaluation at the end of the last epoch left it in eval mode
-            batches = epoch_batches(
-                len(self.train_set), self.config.batch_size, self.config.seed, self.position["epoch"]
-            )
-            while self.position["batch"] < len(batches) and self.position["step"] < self.total_steps:
-                clock = time.perf_counter()
-                loss = self._step(batches[self.position["batch"]])
-                self.position["examples"] += len(batches[self.position["batch"]])
-                self.position["step"] += 1
-                self.position["batch"] += 1
-                self.history["loss"].append([self.position["step"], loss])
-                if self.position["step"] % self.config.save_steps == 0:
-                    self._checkpoint()
-                self.position["seconds"] += time.perf_counter() - clock
-                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{self._throughput():.1f}")
-                bar.update()
-            self._end_of_epoch()
-        bar.close()
+        if not self.position["stopped"]:
+            self.loop.run(self._batches, self._loss, self._after_step, self._end_of_epoch, show=self.dist.main)
         return self._finish(self._throughput())
 
     def _throughput(self) -> float:
         """Training examples per second: steps and their checkpoints, not evaluation."""
         return self.position["examples"] / max(self.position["seconds"], 1e-9)
 
-    def _step(self, rows: list[int]) -> float:
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(len(self.train_set), self.config.batch_size, self.config.seed, epoch)
+
+    def _loss(self, rows: list[int]) -> torch.Tensor:
         mine = self.dist.share(rows)
         batch = self.task.collate([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
         loss = self.wrapped(**{k: v.to(self.dist.device) for k, v in batch.items()}).loss
         # Each rank's mean is weighted by its share, so DDP's gradient mean (and the logged mean) is the global one.
-        loss = loss * (len(mine) * self.dist.world / len(rows))
-        loss.backward()
-        if self.config.max_grad_norm:
-            nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.dist.mean(loss.detach())
+        return loss * (len(mine) * self.dist.world / len(rows))
 
-    def _end_of_epoch(self) -> None:
+    def _after_step(self, loss: torch.Tensor, rows: list[int], seconds: float) -> None:
+        clock = time.perf_counter()
+        self.position["examples"] += len(rows)
+        self.history["loss"].append([self.position["step"], self.dist.mean(loss)])
+        if self.position["step"] % self.config.save_steps == 0:
+            self._checkpoint()
+        self.position["seconds"] += seconds + time.perf_counter() - clock
+
+    def _end_of_epoch(self, epoch: int) -> bool:
         if self.val_set:
             scores = self.dist.from_main(lambda: evaluate(self.task, self.model, self.val_set, self.tokenizer))
-            self.history["eval"].append({"step": self.position["step"], "epoch": self.position["epoch"], **scores})
+            self.history["eval"].append({"step": self.position["step"], "epoch": epoch, **scores})
             self._keep_best(scores[self.metric])
-        self.position["epoch"] += 1
-        self.position["batch"] = 0
         self._checkpoint()
+        return self.position["stopped"]
 
     def _keep_best(self, value: float) -> None:
         best = self.position["best"]
@@ -230,14 +212,14 @@ class Run:
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self) -> None:
         def write() -> None:
-            opt_tensors, groups = ck.optimizer_state(self.optimizer)
+            opt_tensors, groups = ck.optimizer_state(self.loop.optimizer)
             rng_tensors, rng_json = ck.rng_state()
             tensors = {"trainable.safetensors": ck.trainable_state(self.model), "optimizer.safetensors": opt_tensors}
             state = {
                 "position": self.position,
                 "history": self.history,
                 "param_groups": groups,
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": self.loop.scheduler.state_dict(),
                 "rng": rng_json,
                 "config": self.config.identity(),
             }
@@ -255,10 +237,11 @@ class Run:
                 f"{folder} was written by a run with other settings ({state['config']}); use another --output"
             )
         ck.load_trainable(self.model, tensors["trainable.safetensors"], folder)
-        ck.load_optimizer_state(self.optimizer, tensors["optimizer.safetensors"], state["param_groups"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        ck.load_optimizer_state(self.loop.optimizer, tensors["optimizer.safetensors"], state["param_groups"])
+        self.loop.scheduler.load_state_dict(state["scheduler"])
         ck.set_rng_state(tensors["rng.safetensors"], state["rng"]["python"])
-        self.position, self.history = state["position"], state["history"]
+        self.position.update(state["position"])  # the loop shares this dict
+        self.history = state["history"]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
