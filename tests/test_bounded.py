@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit import composition as co
-from adapterkit import state as st
+from adapterkit.core import composition as co
+from adapterkit.core import state as st
 
 from conftest import make_inputs, make_model, randomize_adapters
 

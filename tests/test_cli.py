@@ -7,7 +7,7 @@ import sys
 import torch
 
 import adapterkit as ak
-from adapterkit.cli import main
+from adapterkit.apps.cli import main
 
 from conftest import make_inputs, make_model, randomize_adapters
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.core.methods import bottleneck, ia3, lora, prefix, prompt
 from adapterkit.errors import AdapterError, ConfigError
-from adapterkit.methods import bottleneck, ia3, lora, prefix, prompt
 
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
 from test_methods import PRESETS, UNSUPPORTED

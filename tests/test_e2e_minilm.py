@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import adapterkit as ak
-from adapterkit import demo
-from adapterkit.backbone import fingerprint, same_base
-from adapterkit.data import sentiment_splits
+from adapterkit.apps import demo
+from adapterkit.apps.data import sentiment_splits
+from adapterkit.core.backbone import fingerprint, same_base
 
 pytestmark = pytest.mark.slow
 

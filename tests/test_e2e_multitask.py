@@ -2,7 +2,7 @@
 
 import pytest
 
-from adapterkit import demo, multitask
+from adapterkit.apps import demo, multitask
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapterkit import ct2whisper
+from adapterkit.apps import ct2whisper
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_converted_folder_loads_offline(whisper, tmp_path, monkeypatch):
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from adapterkit.cli import main
+    from adapterkit.apps.cli import main
 
     assert main(["whisper-from-ct2", str(tmp_path / "whisper")]) == 0
     loaded = WhisperForConditionalGeneration.from_pretrained(tmp_path / "whisper").eval()

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import adapterkit as ak
-from adapterkit import cli
+from adapterkit.apps import cli
 from adapterkit.hub import client, protocol
 from adapterkit.hub.store import Store
 

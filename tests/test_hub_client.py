@@ -211,7 +211,7 @@ def test_the_token_stays_with_its_origin(hostile, cache):
 
 
 def test_refusals_and_search_answers_are_printable(hostile, cache, capsys):
-    from adapterkit import cli
+    from adapterkit.apps import cli
 
     hostile.routes["/api/adapters/eve/x"] = (400, {}, json.dumps({"error": "bad \x1b[2J\x1b]0;pwned\x07"}).encode())
     with pytest.raises(client.HubRequestError) as e:
@@ -323,7 +323,7 @@ class Raw:
 def test_raw_answers_are_adapter_errors_printed_inert(cache, capsys, answer, reason):
     """Found by a hostile tester: a superscript digit in Content-Length (isdigit() is True, int() fails)
     and a status line of terminal escape sequences."""
-    from adapterkit import cli
+    from adapterkit.apps import cli
 
     raw = Raw(answer)
     with pytest.raises(ak.AdapterError, match=reason):

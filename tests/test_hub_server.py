@@ -28,7 +28,7 @@ from safetensors.numpy import save
 from schemathesis import GenerationMode
 from test_hub import Server
 
-from adapterkit import cli
+from adapterkit.apps import cli
 from adapterkit.hub import protocol
 from adapterkit.hub.safety import HubError, check_content, check_name, check_path, check_ref, check_tag
 from adapterkit.hub.store import Store

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
-import adapterkit.io as akio
+import adapterkit.core.io as akio
 
 from conftest import make_inputs, make_model, randomize_adapters
 

@@ -1,4 +1,4 @@
-"""merge_adapters: each rule against its closed form on small tensors, and merged adapters in a model."""
+"""combine_adapters: each rule against its closed form on small tensors, and merged adapters in a model."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit.merging import combine, magnitude_prune, majority_sign
+from adapterkit.core.merging import combine, magnitude_prune, majority_sign
 
 from conftest import make_inputs, make_model, randomize_adapters
 
@@ -68,17 +68,17 @@ def test_svd_merge_of_full_rank_is_exactly_the_weighted_updates():
     model = lora_model()
     query = model.encoder.layer[0].attention.self.query.adapterkit
     expected = 0.3 * query["a"].delta() + 0.7 * query["b"].delta()
-    config = ak.merge_adapters(model, ["a", "b"], "ab", weights=[0.3, 0.7], method="svd")
+    config = ak.combine_adapters(model, ["a", "b"], "ab", weights=[0.3, 0.7], method="svd")
     assert config.r == 5 and config.alpha == 5
     torch.testing.assert_close(query["ab"].delta(), expected, atol=1e-6, rtol=1e-5)
     # weights 1, 1: the merged adapter computes what both adapters active together compute
-    ak.merge_adapters(model, ["a", "b"], "sum", weights=[1.0, 1.0], method="svd")
+    ak.combine_adapters(model, ["a", "b"], "sum", weights=[1.0, 1.0], method="svd")
     torch.testing.assert_close(output(model, "sum"), output(model, ["a", "b"]), atol=1e-5, rtol=1e-5)
 
 
 def test_svd_to_lower_rank_is_the_best_approximation():
     model = lora_model()
-    ak.merge_adapters(model, ["a", "b"], "low", weights=[1.0, 1.0], method="svd", rank=2)
+    ak.combine_adapters(model, ["a", "b"], "low", weights=[1.0, 1.0], method="svd", rank=2)
     query = model.encoder.layer[0].attention.self.query.adapterkit
     delta = query["a"].delta() + query["b"].delta()
     s = torch.linalg.svdvals(delta)
@@ -91,7 +91,7 @@ def test_linear_lora_merge_combines_factors_like_peft():
     ak.add_adapter(model, "a", "lora", r=2, alpha=4)
     ak.add_adapter(model, "b", "lora", r=2, alpha=8)
     randomize_adapters(model)
-    ak.merge_adapters(model, ["a", "b"], "ab", weights=[0.5, 0.25])
+    ak.combine_adapters(model, ["a", "b"], "ab", weights=[0.5, 0.25])
     value = model.encoder.layer[1].attention.self.value.adapterkit
     wa, wb = math.sqrt(0.5 * 2), math.sqrt(0.25 * 4)  # sqrt(w * alpha / r)
     torch.testing.assert_close(value["ab"].lora_A, wa * value["a"].lora_A + wb * value["b"].lora_A)
@@ -104,7 +104,7 @@ def test_bottleneck_average_is_the_parameter_average():
     for name in ("x", "y", "z"):
         ak.add_adapter(model, name, "pfeiffer")
     randomize_adapters(model)
-    ak.merge_adapters(model, ["x", "y", "z"], "avg")
+    ak.combine_adapters(model, ["x", "y", "z"], "avg")
     host = model.encoder.layer[0].output.LayerNorm.adapterkit
     parts = [host[n].bottleneck.adapter_up.weight for n in ("x", "y", "z")]
     torch.testing.assert_close(host["avg"].bottleneck.adapter_up.weight, sum(parts) / 3)
@@ -126,10 +126,10 @@ def test_merge_errors_are_clear(setup, kwargs, message):
     for i, preset in enumerate(setup):
         ak.add_adapter(model, f"m{i}", preset)
     with pytest.raises(ak.ConfigError, match=message):
-        ak.merge_adapters(model, ["m0", "m1"], "merged", **kwargs)
+        ak.combine_adapters(model, ["m0", "m1"], "merged", **kwargs)
     assert "merged" not in ak.list_adapters(model)
 
 
 def test_lora_of_other_ranks_needs_svd():
     with pytest.raises(ak.ConfigError, match="use svd"):
-        ak.merge_adapters(lora_model(), ["a", "b"], "ab", method="ties")
+        ak.combine_adapters(lora_model(), ["a", "b"], "ab", method="ties")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit.backbone import base_prefix
+from adapterkit.core.backbone import base_prefix
 
 from conftest import ARCHS, SPEECH_ARCHS, first_output, make_inputs, make_model, randomize_adapters
 

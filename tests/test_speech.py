@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit import mha
-from adapterkit.arch import spec_for
+from adapterkit.core import mha
+from adapterkit.core.arch import spec_for
 
 from conftest import first_output, make_inputs, make_model, randomize_adapters
 

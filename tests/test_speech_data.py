@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from adapterkit.apps import speech_data as data
 from adapterkit.errors import AdapterError
-from adapterkit.speech import data
 
 
 def test_held_out_speakers_are_disjoint():

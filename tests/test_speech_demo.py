@@ -5,7 +5,7 @@ import torch
 import transformers as T
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from adapterkit.speech import demo
+from adapterkit.apps import speech_demo as demo
 
 from conftest import WHISPER
 

@@ -18,7 +18,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from adapterkit import cli
+from adapterkit.apps import cli
 from adapterkit.training import DataError, evaluate_output, read_table
 from adapterkit.training import checkpoint as ck
 from adapterkit.training.tasks import macro_f1

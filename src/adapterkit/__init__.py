@@ -3,119 +3,61 @@
 >>> import adapterkit as ak
 >>> ak.add_adapter(model, "sentiment", "pfeiffer")
 >>> ak.train_adapter(model, "sentiment")
+
+The package is layered (``Development`` in the README): ``adapterkit.core`` (adapters on a model,
+composition, methods, formats, save and load), ``adapterkit.speech`` (speech heads and metrics),
+``adapterkit.training``, ``adapterkit.hub`` (its server needs neither torch nor the core) and
+``adapterkit.apps`` (the CLI, demos, data, converters). The names below are the public API; each
+loads its module on first use, so ``import adapterkit`` itself imports neither torch nor transformers.
 """
 
-from . import composition, formats
-from .arch import ARCHITECTURES, ArchSpec, register_architecture
-from .composition import Average, BatchSplit, Fuse, Parallel, PerRow, Split, Stack
-from .core import (
-    Summary,
-    active_adapters,
-    active_setup,
-    add_adapter,
-    bake_adapter,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    merge_adapter,
-    set_active,
-    summary,
-    train_adapter,
-    unmerge_adapter,
-    use,
-)
-from .errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
-from .fusion import (
-    FusionConfig,
-    add_fusion,
-    delete_fusion,
-    fusion_regularization,
-    load_fusion,
-    save_fusion,
-    train_fusion,
-)
-from .io import inspect_adapter, load_adapter, save_adapter
-from .merging import merge_adapters
-from .methods import (
-    PRESETS,
-    AdapterConfig,
-    BottleneckConfig,
-    EAdapterConfig,
-    IA3Config,
-    LAdapterConfig,
-    LoRAConfig,
-    PAdapterConfig,
-    PrefixConfig,
-    PromptConfig,
-    UnionConfig,
-    union,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ARCHITECTURES",
-    "Average",
-    "BatchSplit",
-    "Fuse",
-    "FusionConfig",
-    "Parallel",
-    "PerRow",
-    "Split",
-    "Stack",
-    "active_setup",
-    "add_fusion",
-    "composition",
-    "delete_fusion",
-    "fusion_regularization",
-    "load_fusion",
-    "save_fusion",
-    "train_fusion",
-    "PRESETS",
-    "AdapterConfig",
-    "AdapterError",
-    "AdapterFileError",
-    "ArchSpec",
-    "ArchitectureError",
-    "BottleneckConfig",
-    "EAdapterConfig",
-    "LAdapterConfig",
-    "PAdapterConfig",
-    "ConfigError",
-    "IA3Config",
-    "LoRAConfig",
-    "PrefixConfig",
-    "PromptConfig",
-    "UnionConfig",
-    "Summary",
-    "active_adapters",
-    "add_adapter",
-    "bake_adapter",
-    "delete_adapter",
-    "disable_adapters",
-    "formats",
-    "inspect_adapter",
-    "list_adapters",
-    "load_adapter",
-    "merge_adapter",
-    "merge_adapters",
-    "register_architecture",
-    "save_adapter",
-    "set_active",
-    "summary",
-    "train_adapter",
-    "union",
-    "unmerge_adapter",
-    "use",
-    "callbacks",
-    "training",
-]
+_WHERE = {  # public name -> the module that defines it
+    "adapterkit.core.adapters": (
+        "Summary active_adapters active_setup add_adapter bake_adapter delete_adapter disable_adapters "
+        "list_adapters merge_adapter set_active summary train_adapter unmerge_adapter use"
+    ),
+    "adapterkit.core.arch": "ARCHITECTURES ArchSpec register_architecture",
+    "adapterkit.core.composition": "Average BatchSplit Fuse Parallel PerRow Split Stack",
+    "adapterkit.core.fusion": (
+        "FusionConfig add_fusion delete_fusion fusion_regularization load_fusion save_fusion train_fusion"
+    ),
+    "adapterkit.core.io": "inspect_adapter save_adapter",
+    "adapterkit.core.merging": "combine_adapters",
+    "adapterkit.core.methods": (
+        "PRESETS AdapterConfig BottleneckConfig EAdapterConfig IA3Config LAdapterConfig LoRAConfig PAdapterConfig "
+        "PrefixConfig PromptConfig UnionConfig union"
+    ),
+    "adapterkit.errors": "AdapterError AdapterFileError ArchitectureError ConfigError",
+    "adapterkit.hub.client": "load_adapter",  # hub: references resolve here, above the core's loader
+}
+_MODULES = {  # public submodules
+    "composition": "adapterkit.core.composition",
+    "formats": "adapterkit.core.formats",
+    "callbacks": "adapterkit.training.callbacks",
+    "training": "adapterkit.training",
+}
+_NAMES = {name: module for module, names in _WHERE.items() for name in names.split()}
+
+__all__ = sorted([*_NAMES, *_MODULES])
 
 
-def __getattr__(name: str):
-    """``ak.callbacks`` (Trainer) and ``ak.training`` (the CLI's loop) load on first use."""
-    if name in ("callbacks", "training"):
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)
+def __getattr__(name: str) -> Any:
+    """Load a public name's module on first use (PEP 562)."""
+    if name in _MODULES:
+        return importlib.import_module(_MODULES[name])
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import AdapterError
+from adapterkit.errors import AdapterError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -46,6 +46,11 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_folder(path.parent)
+
+
+def cache_dir() -> Path:
+    """adapterkit's cache (pulled adapters, generated data): ``$ADAPTERKIT_CACHE`` or ``~/.cache/adapterkit``."""
+    return Path(os.environ.get("ADAPTERKIT_CACHE", Path.home() / ".cache" / "adapterkit"))
 
 
 def write_atomically(path: Path, data: bytes) -> None:

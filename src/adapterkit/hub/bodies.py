@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from .protocol import Card
+from adapterkit.hub.protocol import Card
 
 
 class Upload(BaseModel):

@@ -28,10 +28,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ..errors import AdapterError, shown
-from ..files import atomic_file, write_atomically, write_folder
-from ..training.report import adapter_folder, is_run
-from .protocol import (
+from adapterkit.errors import AdapterError, shown
+from adapterkit.files import atomic_file, cache_dir, write_atomically, write_folder
+from adapterkit.hub.protocol import (
     REVISION,
     REVISION_PREFIX,
     Digest,
@@ -44,7 +43,8 @@ from .protocol import (
     reason,
     revision_id,
 )
-from .safety import HubError, check_name, check_path, check_ref
+from adapterkit.hub.safety import HubError, check_name, check_path, check_ref
+from adapterkit.runs import adapter_folder, is_run
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
 SHARED = (".safetensors", ".json")
@@ -185,7 +185,7 @@ def push(
 
 def make_card(folder: Path, license: str = "unknown", task: str | None = None) -> dict[str, Any]:
     """Base model (name, type, fingerprint), method, params, and the train run's task and metrics if any."""
-    from ..io import inspect_adapter
+    from adapterkit.core.io import inspect_adapter
 
     info = inspect_adapter(folder)
     base = info["base_model"]
@@ -274,8 +274,6 @@ def _checked(check: Callable[[str], None], value: str) -> None:
 
 
 def cache_root() -> Path:
-    from ..data import cache_dir
-
     return cache_dir() / "hub"
 
 
@@ -393,11 +391,24 @@ def _fill(tmp: Path, files: dict[str, Path], meta: Answer) -> None:
 
 def check_base(meta: dict[str, Any], model, ref: str) -> None:
     """Refuse, before any weight is downloaded, an adapter whose card names another base model."""
-    from ..io import _check_base
+    from adapterkit.core.backbone import check_base as check
 
     if meta.get("fingerprint"):  # peft and AdapterHub files carry none: shapes are checked on load
         saved = {"model_type": meta.get("model_type"), "fingerprint": meta["fingerprint"]}
-        _check_base(model, {**saved, "name_or_path": meta.get("base_model")}, Path(f"hub:{ref.removeprefix('hub:')}"))
+        check(model, {**saved, "name_or_path": meta.get("base_model")}, f"hub:{ref.removeprefix('hub:')}")
+
+
+def load_adapter(
+    model, path: str | os.PathLike, name: str | None = None, *, load_head: bool = True, activate: bool = False
+) -> str:
+    """``ak.load_adapter``: :func:`adapterkit.core.io.load_adapter`, and ``path`` may be a
+    ``"hub:owner/name[@tag|revision]"`` reference: the card's base model is checked against ``model``,
+    then the files are pulled (verified) into the local cache and loaded from there."""
+    from adapterkit.core import io
+
+    if isinstance(path, str) and path.startswith("hub:"):
+        path = pull(path, model=model)
+    return io.load_adapter(model, path, name, load_head=load_head, activate=activate)
 
 
 def search(query: str = "", hub: str | None = None, token: str | None = None, **fields: str) -> list[dict]:

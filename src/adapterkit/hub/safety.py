@@ -13,7 +13,7 @@ import struct
 
 import safetensors
 
-from .protocol import REVISION_PREFIX, parse_json
+from adapterkit.hub.protocol import REVISION_PREFIX, parse_json
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

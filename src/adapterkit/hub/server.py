@@ -30,10 +30,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .bodies import BODIES, AddFile, Commit, DeleteFile, Header, NewRepo, Operation, Preupload, Upload, request_body
-from .protocol import Card, parse_json, reason
-from .safety import HubError, check_name, check_path, check_ref
-from .store import Limits, Store
+from adapterkit.hub.bodies import (
+    BODIES,
+    AddFile,
+    Commit,
+    DeleteFile,
+    Header,
+    NewRepo,
+    Operation,
+    Preupload,
+    Upload,
+    request_body,
+)
+from adapterkit.hub.protocol import Card, parse_json, reason
+from adapterkit.hub.safety import HubError, check_name, check_path, check_ref
+from adapterkit.hub.store import Limits, Store
 
 SMALL_BODY = 64 * 2**10  # create-repo: a name and a few flags
 PREUPLOAD_BODY = 2**20  # preupload: up to 256 paths with a 512-byte sample each

@@ -29,9 +29,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..files import write_atomically
-from .protocol import Card, Entry, check_tree, revision_id
-from .safety import HubError, check_content, check_name, check_path, check_ref, check_tag
+from adapterkit.files import write_atomically
+from adapterkit.hub.protocol import Card, Entry, check_tree, revision_id
+from adapterkit.hub.safety import HubError, check_content, check_name, check_path, check_ref, check_tag
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (

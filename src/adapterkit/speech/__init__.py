@@ -1,7 +1,7 @@
 """Speech tasks on adapted encoders: heads (CTC, utterance classes, speaker embeddings) and metrics."""
 
-from .heads import CTCHead, SpeakerHead, UtteranceHead, cosine_scores, frame_mask, masked_mean
-from .metrics import cer, edit_distance, eer, min_dcf, wer
+from adapterkit.speech.heads import CTCHead, SpeakerHead, UtteranceHead, cosine_scores, frame_mask, masked_mean
+from adapterkit.speech.metrics import cer, edit_distance, eer, min_dcf, wer
 
 __all__ = [
     "CTCHead",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from adapterkit.errors import ConfigError
 
 
 def frame_mask(model: nn.Module, frames: int, attention_mask: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-from ..errors import AdapterError
-from .loop import TrainConfig, evaluate, load_data, task_model, train
-from .report import RUN_CONFIG, adapter_folder, compare, is_run
-from .tables import DataError, read_table
-from .tasks import TASKS
+from adapterkit.runs import RUN_CONFIG, adapter_folder, is_run, run_config
+from adapterkit.training.loop import TrainConfig, evaluate, load_data, task_model, train
+from adapterkit.training.report import compare
+from adapterkit.training.tables import DataError, read_table
+from adapterkit.training.tasks import TASKS
 
 __all__ = [
     "RUN_CONFIG",
@@ -31,16 +29,9 @@ __all__ = [
 ]
 
 
-def run_config(output: str | Path) -> dict[str, Any]:
-    """The ``train_config.json`` of a finished (or running) ``adapterkit train`` output folder."""
-    if not is_run(output):
-        raise AdapterError(f"{output} has no {RUN_CONFIG}: not an `adapterkit train` output folder")
-    return json.loads((Path(output) / RUN_CONFIG).read_text())
-
-
 def evaluate_output(model: str, output: str | Path, data: str, batch_size: int = 64) -> dict[str, float]:
     """Score the run in ``output`` (its adapter on base ``model``, or its full model) on ``data``."""
-    from .. import io
+    from adapterkit.core import io
 
     saved = run_config(output)
     config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import AdapterError
-from ..files import atomic_file, write_folder
+from adapterkit.errors import AdapterError
+from adapterkit.files import atomic_file, write_folder
 
 POINTER = "latest.json"
 

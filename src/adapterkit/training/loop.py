@@ -21,15 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import core, io
-from ..errors import AdapterError
-from ..files import write_folder
-from . import checkpoint as ck
-from . import report
-from .distributed import Distributed
-from .fit import Loop, Schedule
-from .tables import read_table
-from .tasks import Task, make_task
+from adapterkit.core import adapters, io
+from adapterkit.errors import AdapterError
+from adapterkit.files import write_folder
+from adapterkit.runs import RUN_CONFIG
+from adapterkit.training import checkpoint as ck
+from adapterkit.training import report
+from adapterkit.training.distributed import Distributed
+from adapterkit.training.fit import Loop, Schedule
+from adapterkit.training.tables import read_table
+from adapterkit.training.tasks import Task, make_task
 
 ADAPTER = "task"
 
@@ -74,9 +75,10 @@ class TrainConfig:
 
 
 def train(config: TrainConfig, command: str = "") -> dict[str, Any]:
-    """Run ``config`` to the end (or resume it); returns what ``metrics.json`` holds."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    """Run ``config`` to the end (or resume it); returns what ``metrics.json`` holds.
+
+    ``config.threads`` is applied by the CLI (a process-wide setting); from Python, set torch's
+    thread count yourself."""
     dist = Distributed.from_env()
     try:
         return Run(config, dist, command).fit()
@@ -93,7 +95,7 @@ class Run:
         self.ckpt_root = self.out / "checkpoints"
         self._check_output()
         self.task, self.train_set, self.val_set, self.tokenizer = load_data(config)
-        dist.on_main(lambda: report.write_json(self.out / report.RUN_CONFIG, self._description()))
+        dist.on_main(lambda: report.write_json(self.out / RUN_CONFIG, self._description()))
         torch.manual_seed(config.seed)  # the new head's and adapter's initial values
         self.model = build_model(config, self.task).to(dist.device)
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -290,9 +292,7 @@ def _load(auto_class, path: str, **kwargs: Any):
 def task_model(path: str, task: Task) -> nn.Module:
     """The task's transformers model from folder ``path``; a head of another size is created anew."""
     import transformers
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()  # a new head's "newly initialized" weights are expected
     cls = getattr(transformers, task.auto_class)
     return _load(cls, path, ignore_mismatched_sizes=True, **task.model_kwargs())
 
@@ -303,8 +303,8 @@ def build_model(config: TrainConfig, task: Task) -> nn.Module:
     if config.full_finetune:
         model.requires_grad_(True)
         return model
-    core.add_adapter(model, ADAPTER, config.adapter, **config.set)
-    core.train_adapter(model, ADAPTER)
+    adapters.add_adapter(model, ADAPTER, config.adapter, **config.set)
+    adapters.train_adapter(model, ADAPTER)
     return model
 
 

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterError
-from ..files import write_atomically
-
-RUN_CONFIG = "train_config.json"  # marks an `adapterkit train` output folder
-
-
-def is_run(path: str | os.PathLike) -> bool:
-    return (Path(path) / RUN_CONFIG).is_file()
-
-
-def adapter_folder(path: str | os.PathLike) -> Path:
-    """The ``adapter/`` inside an ``adapterkit train`` output; any other path as it is."""
-    return Path(path) / "adapter" if is_run(path) else Path(path)
+from adapterkit.errors import AdapterError
+from adapterkit.files import write_atomically
 
 
 def write_json(path: Path, data: Any) -> None:

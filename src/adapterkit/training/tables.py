@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterError
+from adapterkit.errors import AdapterError
 
 FORMATS = ".csv, .jsonl, .json, .parquet or a datasets folder (save_to_disk)"
 

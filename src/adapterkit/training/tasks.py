@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tables import DataError, Table
+from adapterkit.training.tables import DataError, Table
 
 Example = dict[str, Any]
 IGNORE = -100  # label positions the loss skips (padding, continuation sub-words)
@@ -289,7 +289,7 @@ class CTC(Task):
         return ["".join(self.labels[k] for k in e["labels"]) for e in examples]
 
     def score(self, predicted, gold):
-        from ..speech.metrics import cer, wer
+        from adapterkit.speech.metrics import cer, wer
 
         return {"cer": cer(gold, predicted), "wer": wer(gold, predicted)}
 

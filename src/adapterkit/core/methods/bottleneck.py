@@ -1,0 +1,338 @@
+"""Bottleneck adapters: Houlsby, Pfeiffer and parallel (AdapterHub's double_seq_bn, seq_bn, par_bn).
+
+``A(h) = scaling * Up(act(Down(h)))`` with ``Down: H -> d`` and ``Up: d -> H``. With ``s`` the
+sub-layer's projection output (after dropout), ``x`` its residual input and ``LN`` the pre-trained
+LayerNorm of a post-LN model (BERT), the three placements compute:
+
+* Houlsby (``original_ln_before=False``): ``LN(x + s + A(s))``, after attention and after the FFN.
+* Pfeiffer (``original_ln_before=True``): ``LN(A(LN(s + x)) + s + x)``, after the FFN only. On a
+  pre-LN model (GPT-2, Llama) there is no such LN: ``h + A(h)`` with ``h = x + s``.
+* Parallel (``is_parallel=True``): ``LN(x + s + scaling * Up(act(Down(x))))`` with ``x`` the
+  sub-layer's input, scaling 4.
+
+These equal AdapterHub's outputs on equal weights; the one difference is that adapterkit's
+Houlsby and parallel adapters act before the host's dropout, which matters only in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from adapterkit.core.arch import ArchSpec, features, find_layers, spec_for
+from adapterkit.core.composition import gather_rows, map_hidden
+from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, param_dtype, share
+from adapterkit.core.state import Relay
+
+INITS = ("bert", "mam_adapter", "houlsby")
+
+
+class PHMLinear(nn.Module):
+    """Parameterised hypercomplex multiplication (Compacter): ``y = x H + b`` with
+    ``H = sum_i kron(rule_i, W_i)``, ``rule`` (n, n, n) and ``W_i = left_i @ right_i`` (rank-r
+    factors (n, in/n, r) and (n, r, out/n)). One ``rule`` serves every PHM layer of an adapter
+    (AdapterHub's ``shared_phm_rule``). The factors start Xavier-normal, which is what AdapterHub's
+    ``init_W`` does with its default ``hypercomplex_nonlinearity``.
+    """
+
+    def __init__(self, fan_in: int, fan_out: int, n: int, rank: int, rule: nn.Parameter, dtype, owner: bool) -> None:
+        super().__init__()
+        share(self, "rule", rule, owner)
+        self.left = nn.Parameter(torch.empty(n, fan_in // n, rank, dtype=dtype))
+        self.right = nn.Parameter(torch.empty(n, rank, fan_out // n, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(fan_out, dtype=dtype))
+        for factor in (self.left, self.right):
+            for i in range(n):
+                nn.init.xavier_normal_(factor[i])
+
+    def weight(self) -> torch.Tensor:
+        """``H`` (in, out)."""
+        w = self.left @ self.right  # (n, in/n, out/n)
+        n, a, b = w.shape
+        # kron(rule_i, W_i)[p*a + q, s*b + t] = rule_i[p, s] * W_i[q, t], summed over i
+        return torch.einsum("ips,iqt->pqst", self.rule, w).reshape(n * a, n * b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight() + self.bias
+
+
+def phm_rule(config: BottleneckConfig, dtype) -> nn.Parameter:
+    """The rule tensor (n, n, n) shared by all PHM layers of one adapter, init N(0, phm_init_range)."""
+    n = config.phm_dim
+    return nn.Parameter(torch.randn(n, n, n, dtype=dtype) * config.phm_init_range)
+
+
+class Bottleneck(nn.Module):
+    """``(..., H) -> (..., H)``: ``scaling * dropout(Up(act(Down(h))))``, without the skip."""
+
+    def __init__(
+        self, dim: int, size: int, config: BottleneckConfig, dtype: torch.dtype, rule=None, owner: bool = True
+    ) -> None:
+        super().__init__()
+        if rule is None:
+            self.adapter_down = nn.Linear(dim, size, dtype=dtype)
+            self.adapter_up = nn.Linear(size, dim, dtype=dtype)
+            self.reset_parameters(config.init_weights)
+        else:  # Compacter
+            n, rank = config.phm_dim, config.phm_rank
+            self.adapter_down = PHMLinear(dim, size, n, rank, rule, dtype, owner)
+            self.adapter_up = PHMLinear(size, dim, n, rank, rule, dtype, owner=False)
+        self.act = ACT2FN[config.non_linearity]
+        self.dropout = nn.Dropout(config.dropout)
+        self.scaling = config.scaling
+        self.gate = nn.Linear(dim, 1, dtype=dtype) if config.use_gating else None  # UniPELT
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.bias)
+        if init == "bert":  # AdapterHub's default
+            nn.init.normal_(self.adapter_down.weight, std=0.02)
+            nn.init.normal_(self.adapter_up.weight, std=0.02)
+        elif init == "mam_adapter":  # exact identity at init
+            nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.adapter_up.weight)
+        else:  # Houlsby et al.: N(0, 1e-2) truncated at two standard deviations
+            for linear in (self.adapter_down, self.adapter_up):
+                nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h32 = h.to(self.adapter_up.bias.dtype)
+        out = self.dropout(self.adapter_up(self.act(self.adapter_down(h32)))) * self.scaling
+        if self.gate is not None:  # one gate per example: sigmoid, averaged over the sequence
+            out = out * torch.sigmoid(self.gate(h32)).mean(dim=1, keepdim=True)
+        return out.to(h.dtype)
+
+
+def _plain(bottleneck: Bottleneck) -> bool:
+    return isinstance(bottleneck.adapter_down, nn.Linear) and bottleneck.gate is None
+
+
+def rows(bottlenecks: list[Bottleneck], h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, T, H) -> (B, T, H)``: row ``i`` through ``bottlenecks[index[i]]``, zero for the last index.
+
+    Plain bottlenecks of one activation run together: weights zero-padded to the widest, the
+    scaling folded into Up, gathered per row, two batched matmuls. Others run on their own rows.
+    """
+    first = bottlenecks[0]
+    h32 = h.to(first.adapter_up.bias.dtype)
+    if not all(map(_plain, bottlenecks)) or len({type(b.act) for b in bottlenecks}) > 1:
+        out = torch.zeros_like(h32)
+        for k, bottleneck in enumerate(bottlenecks):
+            mine = (index == k).nonzero().squeeze(1)
+            out = out.index_copy(0, mine, bottleneck(h32.index_select(0, mine)).to(out.dtype))
+        return out.to(h.dtype)
+    size = max(b.adapter_down.out_features for b in bottlenecks)
+    down_w = [F.pad(b.adapter_down.weight, (0, 0, 0, size - b.adapter_down.out_features)) for b in bottlenecks]
+    down_b = [F.pad(b.adapter_down.bias, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
+    up_w = [F.pad(b.adapter_up.weight * b.scaling, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
+    up_b = [b.adapter_up.bias * b.scaling for b in bottlenecks]
+    down_w, down_b, up_w, up_b = (gather_rows(t, index) for t in (down_w, down_b, up_w, up_b))
+    flat = h32.reshape(h32.shape[0], -1, h32.shape[-1])  # (B, T, H)
+    mid = first.act(torch.baddbmm(down_b[:, None], flat, down_w.transpose(1, 2)))  # (B, T, size)
+    out = first.dropout(torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)))
+    return out.reshape(h.shape).to(h.dtype)
+
+
+class _Site(AdapterModule):
+    """A bottleneck adapter at one host; runs in every block, AdapterFusion included."""
+
+    blocks = AdapterModule.blocks | {"fuse"}
+
+    def row_key(self):
+        b = self.bottleneck
+        return (type(self), type(b.act), b.dropout.p, b.adapter_up.bias.dtype) if _plain(b) else id(self)
+
+
+class SequentialAdapter(_Site):
+    """On a projection or a pre-LN block: ``out + A(out)``."""
+
+    def __init__(self, bottleneck: Bottleneck) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+
+    def adapt(self, host, x, out):
+        return map_hidden(out, lambda h: h + self.bottleneck(h))
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[SequentialAdapter], index):
+        return map_hidden(out, lambda h: h + rows([m.bottleneck for m in modules], h, index))
+
+    @staticmethod
+    def fuse(host, x, out, modules: list[SequentialAdapter], fusion):
+        """AdapterFusion with the adapters' input as the query and residual (AdapterHub's)."""
+        return map_hidden(out, lambda h: h + fusion(h, [m.bottleneck(h) for m in modules]))
+
+
+class NormAdapter(_Site):
+    """On a post-LN LayerNorm with input ``z = s + x``: ``LN(A(LN(z)) + z)``."""
+
+    def __init__(self, bottleneck: Bottleneck) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+
+    def adapt(self, host, z, out):
+        return host.forward(self.bottleneck(out) + z)  # .forward: no hooks, no recursion
+
+    @staticmethod
+    def adapt_rows(host, z, out, modules: list[NormAdapter], index):
+        new = host.forward(rows([m.bottleneck for m in modules], out, index) + z)
+        mine = (index < len(modules)).view(-1, *[1] * (out.ndim - 1))
+        return torch.where(mine, new, out)  # other rows keep what other groups made of them
+
+    @staticmethod
+    def fuse(host, z, out, modules: list[NormAdapter], fusion):
+        """``LN(Fusion(LN(z), [A_i(LN(z))]) + z)``: the query is the adapters' input (AdapterHub's)."""
+        return host.forward(fusion(out, [m.bottleneck(out) for m in modules]) + z)
+
+
+class Capture(_Site):
+    """Keeps its host's input for a :class:`ParallelAdapter` further down the sub-layer."""
+
+    def __init__(self, box: Relay) -> None:
+        super().__init__()
+        self.box = box
+
+    def adapt(self, host, x, out):
+        self.box.put(x)
+        return out
+
+    def row_key(self):
+        return Capture
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[Capture], index):
+        return Capture.fuse(host, x, out, modules, None)
+
+    @staticmethod
+    def fuse(host, x, out, modules: list[Capture], fusion):
+        for m in modules:  # the whole batch: the parallel adapters take their own rows
+            m.box.put(x)
+        return out
+
+
+class ParallelAdapter(_Site):
+    """Beside a sub-layer: ``out + A(x)`` with ``x`` the sub-layer's input."""
+
+    def __init__(self, bottleneck: Bottleneck, box: Relay | None = None) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+        self.box = box
+
+    def adapt(self, host, x, out):
+        source = x if self.box is None else self.box.take()
+        return map_hidden(out, lambda s: s + self.bottleneck(source))
+
+    def row_key(self):
+        return (ParallelAdapter, self.box is None, *super().row_key()[1:]) if _plain(self.bottleneck) else id(self)
+
+    @staticmethod
+    def _source(x, modules: list[ParallelAdapter]):
+        sources = [x if m.box is None else m.box.take() for m in modules]
+        return sources[0]
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[ParallelAdapter], index):
+        source = ParallelAdapter._source(x, modules)
+        return map_hidden(out, lambda s: s + rows([m.bottleneck for m in modules], source, index))
+
+    @staticmethod
+    def fuse(host, x, out, modules: list[ParallelAdapter], fusion):
+        """The sub-layer's input is the fusion query (AdapterHub's)."""
+        source = ParallelAdapter._source(x, modules)
+        return map_hidden(out, lambda s: s + fusion(source, [m.bottleneck(source) for m in modules]))
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleneckConfig(AdapterConfig):
+    """Bottleneck adapter config; field names and defaults follow AdapterHub's ``BnConfig``.
+
+    The bottleneck is ``bottleneck_size`` if set, else ``hidden_size // reduction_factor``.
+    ``leave_out`` lists layer indices that get no adapter. ``phm_layer`` makes it a Compacter:
+    both projections become :class:`PHMLinear` sharing one rule across layers (the bottleneck is
+    rounded up to a multiple of ``phm_dim``). ``use_gating`` scales the adapter's output by a
+    learned per-example gate ``mean_t sigmoid(Linear(h_t))`` (UniPELT, as AdapterHub).
+    """
+
+    method = "bottleneck"
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    reduction_factor: float = 16
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    is_parallel: bool = False
+    scaling: float = 1.0
+    init_weights: str = "bert"
+    dropout: float = 0.0
+    leave_out: tuple[int, ...] = ()
+    phm_layer: bool = False
+    phm_dim: int = 4
+    phm_rank: int = 1
+    phm_init_range: float = 1e-4
+    use_gating: bool = False
+
+    def validate(self) -> None:
+        check(self.mh_adapter or self.output_adapter, "set mh_adapter or output_adapter (or both)")
+        check(self.reduction_factor > 0, f"reduction_factor must be > 0, got {self.reduction_factor}")
+        size = self.bottleneck_size
+        check(size is None or size > 0, f"bottleneck_size must be > 0, got {size}")
+        check(
+            self.non_linearity in ACT2FN, f"unknown non_linearity {self.non_linearity!r}; try relu, swish, gelu, tanh"
+        )
+        check(self.init_weights in INITS, f"unknown init_weights {self.init_weights!r}; choose from {INITS}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.phm_dim > 0 and self.phm_rank > 0, "phm_dim and phm_rank must be > 0")
+
+    def size(self, dim: int) -> int:
+        size = self.bottleneck_size or max(1, int(dim // self.reduction_factor))
+        return -(-size // self.phm_dim) * self.phm_dim if self.phm_layer else size
+
+    def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
+        spec = spec_for(model, arch)
+        placements, rule, made = [], None, []
+        for index, (path, layer) in enumerate(find_layers(model, spec)):
+            if index in self.leave_out:
+                continue
+            attn_out = layer.get_submodule(spec.attn_out)
+            dim, dtype = features(attn_out)[1], param_dtype(attn_out)
+            if self.phm_layer and rule is None:
+                check(dim % self.phm_dim == 0, f"hidden size {dim} is not a multiple of phm_dim={self.phm_dim}")
+                rule = phm_rule(self, dtype)
+            new = self._factory(dim, dtype, rule, made)
+            if self.mh_adapter:
+                placements += self._place(path, spec.attn_in, spec.attn_out, spec.attn_norm, None, new)
+            if self.output_adapter:
+                placements += self._place(path, spec.ffn_in, spec.ffn_out, spec.ffn_norm, path, new)
+        return placements
+
+    def _factory(self, dim: int, dtype: torch.dtype, rule, made: list):
+        """Makes bottlenecks; the first one made owns the shared Compacter rule."""
+
+        def new() -> Bottleneck:
+            made.append(Bottleneck(dim, self.size(dim), self, dtype, rule, owner=not made))
+            return made[-1]
+
+        return new
+
+    def _place(self, layer, sub_in, sub_out, norm, block_out, new) -> list[tuple[str, AdapterModule]]:
+        if self.is_parallel:
+            if sub_out.startswith(sub_in + "."):  # the input module computes the whole sub-layer
+                return [(f"{layer}.{sub_in}", ParallelAdapter(new()))]
+            box = Relay()
+            return [(f"{layer}.{sub_in}", Capture(box)), (f"{layer}.{sub_out}", ParallelAdapter(new(), box))]
+        if not self.original_ln_before:
+            return [(f"{layer}.{sub_out}", SequentialAdapter(new()))]
+        if norm is not None:
+            return [(f"{layer}.{norm}", NormAdapter(new()))]
+        check(
+            block_out is not None,
+            "original_ln_before with mh_adapter needs a post-LN model; on pre-LN models use "
+            "original_ln_before=False for the attention adapter",
+        )
+        return [(block_out, SequentialAdapter(new()))]

@@ -1,0 +1,142 @@
+"""IA3 (Liu et al. 2022): learned vectors, init ones, that rescale activations elementwise.
+
+Two published conventions, both offered (``convention``):
+
+* ``"peft"`` (default): key and value outputs ``(W x + b) * l`` and the feed-forward *input*
+  ``W (x * l) + b`` of its output projection (BERT: ``output.dense``); peft's ``feedforward_modules``.
+* ``"adapterhub"``: key and value outputs and the feed-forward *hidden* output, i.e. the output of
+  its first projection before the activation (BERT: ``intermediate.dense``); AdapterHub's IA3Config.
+
+``target_modules`` / ``feedforward_modules`` override the table with peft's semantics: targets
+get their output scaled, except those also in ``feedforward_modules``, whose input is scaled.
+Mergeable: output scaling multiplies W's rows and b, input scaling W's columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from adapterkit.core.arch import ArchSpec, features, find_layers, out_in, spec_for
+from adapterkit.core.composition import first_input, gather_rows, with_first_input
+from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
+from adapterkit.errors import AdapterError
+
+
+def _scale_weight(host: nn.Module, vector: torch.Tensor, along_out: bool) -> None:
+    """Multiply the host's (out, in) weight by ``vector`` along out (rows) or in (columns)."""
+    weight = out_in(host, host.weight)
+    weight.mul_((vector[:, None] if along_out else vector[None, :]).to(weight.dtype))
+
+
+class IA3Output(AdapterModule):
+    """``out * l`` with ``ia3_l`` (out_features,)."""
+
+    def __init__(self, host: nn.Module) -> None:
+        super().__init__()
+        self.ia3_l = nn.Parameter(torch.ones(features(host)[1], dtype=param_dtype(host), device=host.weight.device))
+
+    def adapt(self, host, x, out):
+        return out * self.ia3_l.to(out.dtype)
+
+    def row_key(self):
+        return (IA3Output, self.ia3_l.shape[0])
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[IA3Output], index: torch.Tensor):
+        scale = _per_row(modules, index, out)
+        return out * scale
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        _refuse_zeros(self.ia3_l)
+        _scale_weight(host, self.ia3_l, along_out=True)
+        if host.bias is not None:
+            host.bias.mul_(self.ia3_l.to(host.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        _scale_weight(host, 1 / self.ia3_l, along_out=True)
+        if host.bias is not None:
+            host.bias.div_(self.ia3_l.to(host.bias.dtype))
+
+
+class IA3Input(AdapterModule):
+    """``W (x * l) + b`` with ``ia3_l`` (in_features,), applied to the host's input."""
+
+    edits_inputs = True
+
+    def __init__(self, host: nn.Module) -> None:
+        super().__init__()
+        self.ia3_l = nn.Parameter(torch.ones(features(host)[0], dtype=param_dtype(host), device=host.weight.device))
+
+    blocks = frozenset({"average", "split", "rows"})
+    why_not = "IA3 scales its host's input, which is sliced per row only for a direct PerRow entry"
+
+    def adapt_inputs(self, host, args, kwargs):
+        x = first_input(args, kwargs)
+        return with_first_input(args, kwargs, x * self.ia3_l.to(x.dtype))
+
+    def row_key(self):
+        return (IA3Input, self.ia3_l.shape[0])
+
+    @staticmethod
+    def adapt_inputs_rows(host, args, kwargs, modules: list[IA3Input], index: torch.Tensor):
+        x = first_input(args, kwargs)
+        return with_first_input(args, kwargs, x * _per_row(modules, index, x))
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        _refuse_zeros(self.ia3_l)
+        _scale_weight(host, self.ia3_l, along_out=False)
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        _scale_weight(host, 1 / self.ia3_l, along_out=False)
+
+
+def _per_row(modules: list, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s vector (ones for no adapter), shaped to broadcast over ``like`` (B, ..., F)."""
+    rows = gather_rows([m.ia3_l for m in modules], index, identity=1)
+    return rows.to(like.dtype).view(like.shape[0], *[1] * (like.ndim - 2), -1)
+
+
+def _refuse_zeros(vector: torch.Tensor) -> None:
+    if (vector == 0).any():
+        raise AdapterError("an IA3 vector holds zeros: merging it could not be undone; keep it unmerged")
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """IA3 config. ``convention`` picks the table's targets; the module lists override them."""
+
+    method = "ia3"
+    convention: str = "peft"
+    target_modules: tuple[str, ...] | str | None = None
+    feedforward_modules: tuple[str, ...] | str | None = None
+
+    def validate(self) -> None:
+        check(
+            self.convention in ("peft", "adapterhub"),
+            f"convention must be 'peft' or 'adapterhub', not {self.convention!r}",
+        )
+
+    def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
+        outputs, inputs = self._targets(model, arch)
+        return [(n, IA3Output(model.get_submodule(n))) for n in outputs] + [
+            (n, IA3Input(model.get_submodule(n))) for n in inputs
+        ]
+
+    def _targets(self, model: nn.Module, arch: ArchSpec | None) -> tuple[list[str], list[str]]:
+        if self.target_modules:
+            targets = find_targets(model, self.target_modules)
+            ff = set(find_targets(model, self.feedforward_modules)) if self.feedforward_modules else set()
+            return [n for n in targets if n not in ff], [n for n in targets if n in ff]
+        spec = spec_for(model, arch)
+        layers = [path for path, _ in find_layers(model, spec)]
+        kv = [f"{path}.{name}" for path in layers for name in spec.kv]
+        if self.convention == "adapterhub":
+            return kv + [f"{path}.{spec.ffn_hidden}" for path in layers], []
+        return kv, [f"{path}.{spec.ffn_out}" for path in layers]

@@ -1,0 +1,242 @@
+"""LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024): low-rank updates of a frozen weight.
+
+LoRA: ``y = W x + b + s * B A dropout(x)`` with ``s = alpha / r`` (``use_rslora``: ``alpha /
+sqrt(r)``). ``A`` (r, in) is Kaiming-uniform (a=sqrt(5)), ``B`` (out, r) zero, so the model is
+unchanged at init: peft's and AdapterHub's formula and init. Works on ``nn.Linear``, GPT-2's
+``Conv1D`` (weight stored (in, out), peft's ``fan_in_fan_out``), ``nn.Embedding`` (peft's
+``lora_embedding_A/B``: A zero, B normal) and ``nn.Conv1d``/``nn.Conv2d`` (A a conv with the host's
+kernel, B a 1x1 conv). Mergeable: ``W += s * B A`` in the host's layout.
+
+DoRA (``use_dora``, peft's formula): with ``n = ||W + s B A||`` row-wise (detached) and magnitude
+``m`` (init ``||W||``), ``y = W x + b + (m / n - 1) * W x + (m / n) * s * B A x`` (bias excluded
+from the rescaling). Merged: ``W' = (m / n) * (W + s B A)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
+from adapterkit.core.composition import gather_rows, loop_rows
+from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
+from adapterkit.errors import AdapterError, ConfigError
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d))
+
+
+class _Additive(AdapterModule, metaclass=abc.ABCMeta):
+    """Merges as ``host.weight += delta_weight(host)``; unmerges by subtracting it."""
+
+    @abc.abstractmethod
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        """The update in the host's weight layout."""
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        host.weight.add_(self.delta_weight(host).to(host.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        host.weight.sub_(self.delta_weight(host).to(host.weight.dtype))
+
+
+class LoRA(_Additive):
+    """Low-rank update of one linear host: ``(..., in) -> (..., out)`` added to its output."""
+
+    def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
+        super().__init__()
+        fan_in, fan_out = features(host)
+        dtype, device = param_dtype(host), host.weight.device
+        self.lora_A = nn.Parameter(torch.empty(config.r, fan_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, config.r, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.scaling = config.scaling
+        if config.init_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / config.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.gate = nn.Linear(fan_in, 1, dtype=dtype, device=device) if config.use_gating else None
+
+    def lora(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A x``, unscaled: ``(..., in) -> (..., out)``."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def adapt(self, host, x, out):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        delta = self.lora(x) * self.scaling
+        if self.gate is not None:  # UniPELT: a per-example gate, sigmoid averaged over the sequence
+            delta = delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+        return out + delta.to(out.dtype)
+
+    def row_key(self):
+        if not self._batchable():
+            return id(self)
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return (LoRA, *self.lora_A.shape[1:], *self.lora_B.shape[:1], self.lora_A.dtype, p)
+
+    def _batchable(self) -> bool:
+        return type(self) is LoRA and self.gate is None
+
+    @staticmethod
+    def adapt_rows(host, x, out, modules: list[LoRA], index: torch.Tensor):
+        """Row ``i`` through adapter ``index[i]``: the adapters' A and s*B, zero-padded to one rank
+        (and a zero adapter for "none"), gathered per row: two batched matmuls in all."""
+        if not modules[0]._batchable():  # DoRA, gated: each on its own rows
+            return loop_rows(host, x, out, modules, index)
+        rank = max(m.lora_A.shape[0] for m in modules)
+        a = [F.pad(m.lora_A, (0, 0, 0, rank - m.lora_A.shape[0])) for m in modules]
+        b = [F.pad(m.lora_B * m.scaling, (0, rank - m.lora_B.shape[1])) for m in modules]
+        a, b = gather_rows(a, index), gather_rows(b, index)  # (B, rank, in), (B, out, rank)
+        x = modules[0].dropout(x.to(a.dtype))
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+        return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """``s B A``, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        """``s B A`` in the host's layout (transposed for ``Conv1D``)."""
+        return out_in(host, self.delta())
+
+    def merge(self, host: nn.Module) -> None:
+        if self.gate is not None:
+            raise AdapterError("a gated LoRA depends on its input and cannot be merged")
+        super().merge(host)
+
+
+class DoRA(LoRA):
+    """LoRA with a learned per-row magnitude ``lora_magnitude`` (out,)."""
+
+    def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(host, config)
+        with torch.no_grad():
+            norm = out_in(host, host.weight).to(self.lora_A.dtype).norm(dim=1)
+        self.lora_magnitude = nn.Parameter(norm)
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def scale(self, host: nn.Module) -> torch.Tensor:
+        """``m / ||W + s B A||`` per output row, the norm detached as in the DoRA paper."""
+        weight = out_in(host, host.weight).to(self.lora_A.dtype) + self.delta().detach()
+        return self.lora_magnitude / weight.norm(dim=1).detach()
+
+    def adapt(self, host, x, out):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base = out.to(x.dtype) - (host.bias if host.bias is not None else 0)
+        else:  # the base output of the dropped-out input, as peft
+            base = F.linear(x, out_in(host, host.weight).to(x.dtype))
+        scale = self.scale(host)
+        return out + ((scale - 1) * base + scale * self.lora(x) * self.scaling).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        weight = out_in(host, host.weight)
+        self.merged_norm = (weight.to(self.lora_A.dtype) + self.delta()).norm(dim=1)
+        factor = (self.lora_magnitude / self.merged_norm)[:, None]
+        weight.copy_((factor * (weight + self.delta())).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        weight = out_in(host, host.weight)
+        factor = (self.lora_magnitude / self.merged_norm)[:, None]
+        weight.copy_((weight / factor - self.delta()).to(weight.dtype))
+        self.merged_norm = None
+
+
+class LoRAEmbedding(_Additive):
+    """LoRA on an ``nn.Embedding``: ``E[x] + s * (A^T[x]) B^T`` with A (r, num), B (dim, r)."""
+
+    def __init__(self, host: nn.Embedding, config: LoRAConfig) -> None:
+        super().__init__()
+        dtype, device = param_dtype(host), host.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(config.r, host.num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(host.embedding_dim, config.r, dtype=dtype, device=device))
+        nn.init.normal_(self.lora_embedding_B)
+        self.scaling = config.scaling
+
+    def adapt(self, host, x, out):
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=host.padding_idx)
+        return out + (after_a @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
+
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num, dim)
+
+
+class LoRAConv(_Additive):
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv like the host's (to r channels), B 1x1."""
+
+    def __init__(self, host: nn.Conv1d | nn.Conv2d, config: LoRAConfig) -> None:
+        super().__init__()
+        check(host.groups == 1, "LoRA supports convolutions with groups=1 only")
+        conv, kw = type(host), dict(bias=False, dtype=param_dtype(host), device=host.weight.device)
+        self.lora_A = conv(host.in_channels, config.r, host.kernel_size, host.stride, host.padding, host.dilation, **kw)
+        self.lora_B = conv(config.r, host.out_channels, 1, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.scaling = config.scaling
+
+    def adapt(self, host, x, out):
+        return out + (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(
+            out.dtype
+        )
+
+    def delta_weight(self, host: nn.Module) -> torch.Tensor:
+        """``s * sum_r B[o, r] A[r, i, ...]``, the host's weight shape (out, in, *kernel)."""
+        b = self.lora_B.weight.flatten(1)  # (out, r)
+        return torch.einsum("or,r...->o...", b, self.lora_A.weight) * self.scaling
+
+
+def make_lora(host: nn.Module, config: LoRAConfig) -> AdapterModule:
+    """The LoRA variant that fits ``host``'s type."""
+    if is_linear(host):
+        return (DoRA if config.use_dora else LoRA)(host, config)
+    if config.use_dora:
+        raise ConfigError(f"DoRA supports Linear and Conv1D targets, not {type(host).__name__}")
+    return LoRAEmbedding(host, config) if isinstance(host, nn.Embedding) else LoRAConv(host, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA config, peft's field names. ``target_modules`` None = the architecture's default.
+
+    Targets may be ``nn.Linear``, ``Conv1D``, ``nn.Embedding``, ``nn.Conv1d`` or ``nn.Conv2d``.
+    ``use_gating`` (Linear/Conv1D, UniPELT) scales the update by ``mean_t sigmoid(Linear(x_t))``.
+    """
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_weights: str = "kaiming"
+    use_gating: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """What the update ``B A x`` is multiplied by: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def validate(self) -> None:
+        check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.init_weights in ("kaiming", "gaussian"), f"unknown init_weights {self.init_weights!r}")
+        check(not (self.use_gating and self.use_dora), "use_gating and use_dora cannot be combined")
+
+    def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
+        targets = self.target_modules or list(spec_for(model, arch).lora_targets)
+        kinds = (is_linear, _is_conv, lambda m: isinstance(m, nn.Embedding))
+        names = find_targets(model, targets, kinds, "Linear, Conv1D, Embedding or Conv1d/2d")
+        return [(name, make_lora(model.get_submodule(name), self)) for name in names]
