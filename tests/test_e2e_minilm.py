@@ -44,3 +44,19 @@ def test_pfeiffer_learns_sentiment_and_round_trips(splits, tmp_path):
     inputs, _ = next(demo.batches(splits["test"], 64))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(**inputs).logits, model.eval()(**inputs).logits)
+
+
+def test_the_quick_demo_shows_what_the_full_run_shows(capsys):
+    """`adapterkit demo --quick` (seeded, under 3 minutes on 2 cores): every adapter well above head-only
+    and within a few points of full fine-tuning, read from the table it prints."""
+    from adapterkit.apps import cli
+
+    assert cli.main(["demo", "--quick"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "% |" in line]
+    test_acc = {cells[0]: float(cells[4]) for cells in (line.strip("| ").split(" | ") for line in lines)}
+    assert set(test_acc) == {"head only", "full fine-tuning", "pfeiffer", "houlsby", "lora (r=8)"}
+    head, full = test_acc.pop("head only"), test_acc.pop("full fine-tuning")
+    for method, accuracy in test_acc.items():
+        assert accuracy >= head + 5, (method, accuracy, head)
+        assert accuracy >= full - 6, (method, accuracy, full)
+    assert full >= head + 5
