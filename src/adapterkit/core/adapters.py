@@ -1,7 +1,7 @@
 """The public functions that add, activate, train and merge adapters on any ``nn.Module``.
 
 The model keeps its own class (``Trainer``, ``generate()`` and ``save_pretrained`` keep working):
-adapters are child modules attached by :mod:`adapterkit.state`.
+adapters are child modules attached by :mod:`adapterkit.core.state`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class ArchSpec:
     prompt_strip: str = "encoder"  # also the module whose output the L-adapter replaces
     prompt_before_positions: bool = False
     # The attention passes its projections' weights to F.multi_head_attention_forward (WavLM):
-    # adapterkit routes them through the modules (adapterkit.mha).
+    # adapterkit routes them through the modules (adapterkit.core.mha).
     functional_attention: bool = False
     # Speech: the convolutional feature extractor, relative to the backbone (the P-adapter's host).
     features: str | None = None

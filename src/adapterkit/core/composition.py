@@ -1,14 +1,14 @@
 """Composition blocks: how several adapters run together.
 
 A block is a small frozen data class; blocks nest and round-trip through JSON (``to_dict`` /
-:func:`from_dict`). The model's :class:`~adapterkit.state.State` holds one block (a list of names
+:func:`from_dict`). The model's :class:`~adapterkit.core.state.State` holds one block (a list of names
 is a :class:`Stack`) and every slot evaluates it at its host:
 
 * ``Stack(a, b)``: ``b`` runs on ``a``'s output at every site.
 * ``Average(a, b, weights=[.7, .3])``: the site's output is ``sum_i w_i out_i``, weights
   normalised to 1 (so for residual adapters ``out + sum_i w_i A_i(out)``).
 * ``Fuse(a, b, c)``: AdapterFusion (Pfeiffer et al. 2021), a trained attention over the frozen
-  bottleneck adapters' outputs (:mod:`adapterkit.fusion`).
+  bottleneck adapters' outputs (:mod:`adapterkit.core.fusion`).
 * ``Split(a, b, splits=[3, 5])``: the first 3 positions through ``a``, the next 5 through ``b``.
 * ``PerRow(["a", None, "b"])``: one adapter (or none, or a block) per row of the batch. Adapters
   of one method at one site run as one batched computation (stacked weights gathered per row).
@@ -41,7 +41,7 @@ Child = Any  # str | Block (| None inside PerRow)
 class LRU:
     """A cache that keeps its ``maxsize`` most recently used entries, so no traffic can grow it.
 
-    Every cache adapterkit keeps on the serving path is one (:func:`adapterkit.state.caches`)."""
+    Every cache adapterkit keeps on the serving path is one (:func:`adapterkit.core.state.caches`)."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize

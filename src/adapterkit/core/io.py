@@ -4,7 +4,7 @@ Tensor keys are module paths relative to the backbone (``encoder.layer.0.output.
 so an adapter saved from a model with a task head loads into a bare model and back. Files are written
 with :func:`adapterkit.files.write_folder`: a crash never leaves half an adapter, and other files in
 the folder are never touched.
-peft and AdapterHub folders are read and written through :mod:`adapterkit.formats`.
+peft and AdapterHub folders are read and written through :mod:`adapterkit.core.formats`.
 """
 
 from __future__ import annotations

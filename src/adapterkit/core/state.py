@@ -13,7 +13,7 @@ Hooks of one forward hand values to later hooks (a sub-layer's input to a parall
 prompt's "insert now" flag, gates, the L-adapter's taps) through :class:`Relay` objects, whose values
 live in the forward's :func:`scratch` area: one per thread and model forward, opened by the model's
 pre-hook and dropped by its forward hook, which PyTorch runs even when the forward raises. Nothing
-a forward leaves there outlives it, and the caches are :class:`~adapterkit.composition.LRU` (:func:`caches`).
+a forward leaves there outlives it, and the caches are :class:`~adapterkit.core.composition.LRU` (:func:`caches`).
 """
 
 from __future__ import annotations

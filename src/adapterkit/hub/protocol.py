@@ -48,7 +48,7 @@ class Frozen(BaseModel):
 
 
 class Sample(Frozen):
-    """One base parameter in a fingerprint (:func:`adapterkit.backbone.fingerprint`)."""
+    """One base parameter in a fingerprint (:func:`adapterkit.core.backbone.fingerprint`)."""
 
     shape: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=8)]
     sample: Annotated[list[Number], Field(max_length=4)]

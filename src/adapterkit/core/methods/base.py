@@ -27,7 +27,7 @@ from adapterkit.errors import AdapterError, ConfigError
 class AdapterModule(nn.Module):
     """One adapter at one host module.
 
-    Composition (:mod:`adapterkit.composition`): ``blocks`` names the blocks it can run in
+    Composition (:mod:`adapterkit.core.composition`): ``blocks`` names the blocks it can run in
     besides ``Stack``; adapters with equal ``row_key()`` at one host compute a ``PerRow`` batch
     together in ``adapt_rows`` (the default runs each on its own rows).
     """

@@ -53,7 +53,7 @@ def _lengths(self: nn.Module, *args, **kwargs):
 
 def _count_frames(model: nn.Module, features: str) -> None:
     """Make ``model`` (and its backbone) count the pseudo-frames in its frame lengths, while a P-adapter
-    needs it (:func:`adapterkit.state.change`)."""
+    needs it (:func:`adapterkit.core.state.change`)."""
     prefix = base_prefix(model)
     pairs = ((model, prefix + features), (model.get_submodule(prefix[:-1]) if prefix else None, features))
     owners = [(owner, path) for owner, path in pairs if owner is not None and hasattr(owner, LENGTHS)]

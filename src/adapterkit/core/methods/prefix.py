@@ -222,7 +222,7 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
 
 def use_prefix_attention(model: nn.Module) -> None:
     """Switch ``model`` to adapterkit's attention functions (a pass-through without prefixes), for as
-    long as a prefix adapter needs them (:func:`adapterkit.state.change`)."""
+    long as a prefix adapter needs them (:func:`adapterkit.core.state.change`)."""
     st.change(model, "prefix-attention", lambda: _switch_attention(model))
 
 
@@ -274,7 +274,7 @@ class PrefixConfig(AdapterConfig):
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         spec = spec_for(model, arch)
-        if not spec.functional_attention:  # there adapterkit.mha prepends the prefixes
+        if not spec.functional_attention:  # there adapterkit.core.mha prepends the prefixes
             use_prefix_attention(model)
         layers = [path for path, _ in find_layers(model, spec)]
         hidden, kv_heads, head_dim = attention_shape(model)

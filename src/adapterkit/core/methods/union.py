@@ -1,7 +1,7 @@
 """Unions: one adapter made of several methods (AdapterHub's ``ConfigUnion``).
 
 Each part places its modules as it would alone; parts that meet at one host run in order there
-(:class:`adapterkit.state.Chain`). Presets: ``"mam"`` (He et al. 2022: prefix tuning with an
+(:class:`adapterkit.core.state.Chain`). Presets: ``"mam"`` (He et al. 2022: prefix tuning with an
 800-wide MLP + a parallel adapter) and ``"unipelt"`` (Mao et al. 2022: gated LoRA r=8 alpha=2 +
 gated prefix of 10 + gated Pfeiffer adapter), both with AdapterHub's settings.
 """
