@@ -163,3 +163,20 @@ def assert_right_padding_ignored(model):
     batched = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     alone = model.base_model(input_ids=ids[1:, :4]).last_hidden_state
     torch.testing.assert_close(batched[1, :4], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def source_lines(pattern: str, allowed=lambda path: False) -> list[str]:
+    """``file:line`` of every line of adapterkit's source matching ``pattern``, outside the ``allowed`` files
+    (tests that one idea lives in one place)."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).parents[1] / "src" / "adapterkit"
+    regex = re.compile(pattern)
+    return [
+        f"{p.relative_to(src)}:{i}"
+        for p in sorted(src.rglob("*.py"))
+        if not allowed(p)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if regex.search(line)
+    ]

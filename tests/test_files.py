@@ -3,7 +3,6 @@ refuses a file path, and every folder adapterkit writes goes through one primiti
 (:func:`adapterkit.files.write_folder`) that never shows a missing or half-written destination."""
 
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import adapterkit as ak
 from adapterkit.files import atomic_file, write_atomically, write_folder
 
-from conftest import make_model, randomize_adapters
+from conftest import make_model, randomize_adapters, source_lines
 
 SRC = Path(__file__).parents[1] / "src" / "adapterkit"
 
@@ -139,15 +138,7 @@ def _umask() -> int:
 
 def test_one_write_primitive():
     """Renames, temporary folders and folder deletion of written output live in files.py alone."""
-    pattern = re.compile(r"os\.replace\(|\.rename\(|mkdtemp\(|mkstemp\(")
-    offenders = [
-        f"{p.relative_to(SRC)}:{i}"
-        for p in SRC.rglob("*.py")
-        if p.name != "files.py"
-        for i, line in enumerate(p.read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]
-    assert offenders == []
+    assert source_lines(r"os\.replace\(|\.rename\(|mkdtemp\(|mkstemp\(", lambda p: p.name == "files.py") == []
 
 
 def test_a_file_written_during_the_swap_is_kept(tmp_path, monkeypatch):

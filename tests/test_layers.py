@@ -2,12 +2,13 @@
 a module, process-wide settings are the CLI's alone (the layer contract itself runs in .ci/run)."""
 
 import ast
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import source_lines
 
 SRC = Path(__file__).parents[1] / "src" / "adapterkit"
 
@@ -50,12 +51,5 @@ def test_no_private_name_crosses_a_module():
 
 
 def test_process_wide_settings_only_in_the_cli():
-    pattern = re.compile(r"set_verbosity|os\.environ\[|os\.environ\.setdefault|torch\.set_num_threads")
-    offenders = [
-        f"{p.relative_to(SRC)}:{i}"
-        for p in SRC.rglob("*.py")
-        if p.parent.name != "apps"
-        for i, line in enumerate(p.read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]
-    assert offenders == []
+    pattern = r"set_verbosity|os\.environ\[|os\.environ\.setdefault|torch\.set_num_threads"
+    assert source_lines(pattern, lambda p: p.parent.name == "apps") == []
