@@ -8,6 +8,7 @@ one class and one entry in :data:`TASKS`.
 from __future__ import annotations
 
 import abc
+import json
 import math
 import wave
 from collections.abc import Sequence
@@ -335,6 +336,72 @@ class CausalLM(Task):
         return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
 
 
+class Chat(CausalLM):
+    """Conversations through the model's chat template; the loss is on the assistant's turns only.
+
+    The column (``--text-column``; ``messages`` when left at ``text``) holds a list of
+    ``{"role", "content"}`` messages per row (a JSON string in CSV). Each assistant turn's tokens are
+    what the template adds after the prompt up to that turn (with the generation prompt): the
+    system and user turns, the assistant header and the padding are masked out of the loss.
+    """
+
+    name = "chat"
+
+    def __init__(self, text_column: str, label_column: str, max_length: int, labels: list[str] | None = None):
+        super().__init__("messages" if text_column == "text" else text_column, label_column, max_length, labels)
+
+    def encode(self, table: Table, tokenizer) -> list[Example]:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("--task chat needs a tokenizer with a chat template (an instruct model's)")
+        column = table.column(self.text_column, "--text-column")
+        return [
+            self._example(table, i, tokenizer, _messages(table, i, self.text_column, v)) for i, v in enumerate(column)
+        ]
+
+    def _example(self, table: Table, row: int, tokenizer, messages: list[dict[str, str]]) -> Example:
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = _render(tokenizer, messages[:k], prompt=True)
+            full = _render(tokenizer, messages[: k + 1], prompt=False)
+            if full[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
+                raise table.fail(
+                    row, self.text_column, "the chat template does not render this conversation turn by turn"
+                )
+            labels += [IGNORE] * (len(prompt) - len(ids)) + full[len(prompt) :]
+            ids = full
+        if not ids:
+            raise table.fail(row, self.text_column, "no assistant message to learn from")
+        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
+
+
+def _render(tokenizer, messages: list[dict[str, str]], prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)["input_ids"])
+
+
+def _messages(table: Table, row: int, column: str, value: Any) -> list[dict[str, str]]:
+    """One row's conversation, checked: a list of {"role": str, "content": str}."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise table.fail(row, column, f"not a JSON list of messages ({e})") from None
+    fits = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
+    if not fits:
+        raise table.fail(row, column, 'expected a list of {"role": ..., "content": ...} messages')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def accuracy(predicted: Sequence, gold: Sequence) -> float:
     return float(np.mean([p == g for p, g in zip(predicted, gold, strict=True)])) if gold else 0.0
 
@@ -349,7 +416,9 @@ def macro_f1(predicted: Sequence[int], gold: Sequence[int], classes: int) -> flo
     return float(np.mean(scores))
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Regression, TokenClassification, CTC, CausalLM)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (Classification, Regression, TokenClassification, CTC, CausalLM, Chat)
+}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
