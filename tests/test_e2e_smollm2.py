@@ -1,0 +1,47 @@
+"""SmolLM2-135M-Instruct from its PyPI GGUF file: loads offline, answers through its chat template, and
+takes every kind of adapter, deleted without a trace (a real Llama, not a tiny config)."""
+
+import pytest
+import torch
+import transformers as T
+
+import adapterkit as ak
+from adapterkit.apps.models import smollm2
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    path = smollm2()
+    tokenizer = T.AutoTokenizer.from_pretrained(path)
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def answer(model, tokenizer, tokens: int = 12) -> str:
+    inputs = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_the_gguf_model_answers_through_its_chat_template(llm):
+    model, tokenizer = llm
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert answer(model, tokenizer) == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("preset", ["lora", "ia3", "prefix", "pfeiffer"])
+def test_adapters_generate_and_delete_restores_the_model(llm, preset):
+    model, tokenizer = llm
+    before = (model.config.to_json_string(), model.config._attn_implementation, list(model.state_dict()))
+    ak.add_adapter(model, "a", preset, activate=True)
+    assert isinstance(answer(model, tokenizer, tokens=4), str)  # generation runs with the adapter (KV cache)
+    if preset == "prefix":
+        assert model.config._attn_implementation == "adapterkit_sdpa"
+    ak.delete_adapter(model, "a")
+    assert (model.config.to_json_string(), model.config._attn_implementation, list(model.state_dict())) == before
+    assert answer(model, tokenizer) == "The capital of France is Paris."
