@@ -45,3 +45,10 @@ def test_adapters_generate_and_delete_restores_the_model(llm, preset):
     ak.delete_adapter(model, "a")
     assert (model.config.to_json_string(), model.config._attn_implementation, list(model.state_dict())) == before
     assert answer(model, tokenizer) == "The capital of France is Paris."
+
+
+def test_ak_generate_answers_and_stops(llm):
+    model, tokenizer = llm
+    question = QUESTION[0]["content"]
+    assert ak.generate(model, tokenizer, [question], max_tokens=12) == ["The capital of France is Paris."]
+    assert ak.generate(model, tokenizer, [question], max_tokens=12, stop=["Paris"]) == ["The capital of France is "]

@@ -28,6 +28,7 @@ _WHERE = {  # public name -> the module that defines it
     "adapterkit.core.fusion": (
         "FusionConfig add_fusion delete_fusion fusion_regularization load_fusion save_fusion train_fusion"
     ),
+    "adapterkit.core.generation": "generate",
     "adapterkit.core.io": "inspect_adapter save_adapter",
     "adapterkit.core.merging": "combine_adapters",
     "adapterkit.core.methods": (

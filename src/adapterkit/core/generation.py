@@ -1,0 +1,93 @@
+"""Text generation with adapters: prompts (plain or through the chat template) left-padded into one
+``generate`` call, greedy or sampled, stop strings, and optionally a different adapter per prompt
+(a ``PerRow`` block, so one batch serves several tasks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from adapterkit.core import adapters
+from adapterkit.core.composition import PerRow
+from adapterkit.errors import AdapterError
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    chat: bool = True,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    per_prompt: Sequence[str | None] | None = None,
+) -> list[str]:
+    """The completion of each prompt (without the prompt, special tokens or the stop string).
+
+    ``chat``: wrap each prompt as a user message through the tokenizer's chat template.
+    ``temperature`` 0 is greedy; above 0, sampling with ``top_p`` (seeded by ``seed``).
+    ``per_prompt``: one adapter name (or None: the base model) per prompt, in one batch.
+    """
+    if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise AdapterError(
+            f"need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1 (got {max_tokens}, {temperature}, {top_p})"
+        )
+    if per_prompt is not None and len(per_prompt) != len(prompts):
+        raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")
+    batch = _encode(tokenizer, prompts, chat)
+    options = {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
+    if temperature > 0:
+        options |= {"temperature": temperature, "top_p": top_p}
+    if stop:  # checked on the decoded text: works with any tokenizer (transformers' stop_strings does not)
+        options["stopping_criteria"] = StoppingCriteriaList([StopStrings(tokenizer, stop, batch["input_ids"].shape[1])])
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad(), _setup(model, per_prompt):
+        out = model.generate(**batch, **options)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [_cut(text, stop) for text in texts]
+
+
+class StopStrings(StoppingCriteria):
+    """A row is done once its completion (decoded) contains one of ``stops``."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], start: int) -> None:
+        self.tokenizer, self.stops, self.start = tokenizer, list(stops), start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _encode(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Tensor]:
+    """Left-padded ids and mask (decoders continue from the last position of every row)."""
+    if tokenizer.pad_token_id is None:
+        raise AdapterError("the tokenizer has no padding token; set tokenizer.pad_token (e.g. to its eos token)")
+    if chat:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return dict(tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat))
+    finally:
+        tokenizer.padding_side = side
+
+
+def _setup(model: nn.Module, per_prompt: Sequence[str | None] | None):
+    import contextlib
+
+    return adapters.use(model, PerRow(list(per_prompt))) if per_prompt is not None else contextlib.nullcontext()
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string (generate stops after it, and keeps it)."""
+    ends = [text.index(s) for s in stop if s in text]
+    return text[: min(ends)] if ends else text
