@@ -65,11 +65,16 @@ class Server:
         self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
+def started(root: Path) -> Server:
+    """A running hub over ``root`` with upload tokens for alice and bob (``server.tokens``)."""
     server = Server(root)
     server.tokens = {owner: Store(root).create_token(owner) for owner in ("alice", "bob")}
+    return server
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = started(tmp_path_factory.mktemp("hub"))
     yield server
     server.kill()
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from safetensors.numpy import save
 from schemathesis import GenerationMode
-from test_hub import Server
+from test_hub import started
 
 from adapterkit.apps import cli
 from adapterkit.hub import protocol
@@ -38,9 +38,7 @@ NESTED = b"[" * 100_000 + b"]" * 100_000
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub-server")
-    server = Server(root)
-    server.tokens = {owner: Store(root).create_token(owner) for owner in ("alice", "bob")}
+    server = started(tmp_path_factory.mktemp("hub-server"))
     yield server
     server.kill()
 
