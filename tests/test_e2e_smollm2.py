@@ -52,3 +52,35 @@ def test_ak_generate_answers_and_stops(llm):
     question = QUESTION[0]["content"]
     assert ak.generate(model, tokenizer, [question], max_tokens=12) == ["The capital of France is Paris."]
     assert ak.generate(model, tokenizer, [question], max_tokens=12, stop=["Paris"]) == ["The capital of France is "]
+
+
+PROMPTS = [
+    "What is the capital of France? Answer in one word.",
+    "Name a colour of the sky.",
+    "How many legs does a spider have?",
+    "Write the word 'cat' backwards.",
+]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("preset", ["lora", "dora", "ia3"])
+def test_a_merged_adapter_generates_the_same_greedy_tokens(llm, preset):
+    """Deployment: merging into the weights changes no greedy token on these prompts; unmerging restores."""
+    from conftest import randomize_adapters
+
+    model, tokenizer = llm
+    base = ak.generate(model, tokenizer, PROMPTS, max_tokens=16)
+    targets = {"target_modules": ALL_LINEAR} if preset != "ia3" else {}
+    ak.add_adapter(model, "a", preset, activate=True, **targets)
+    randomize_adapters(model, std=0.02 if preset != "ia3" else 0.05)
+    if preset == "ia3":  # IA3 scales around 1
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".adapterkit." in name:
+                    p.add_(1.0)
+    unmerged = ak.generate(model, tokenizer, PROMPTS, max_tokens=16)
+    ak.merge_adapter(model, "a")
+    assert ak.generate(model, tokenizer, PROMPTS, max_tokens=16) == unmerged != base
+    ak.unmerge_adapter(model, "a")
+    ak.delete_adapter(model, "a")
+    assert ak.generate(model, tokenizer, PROMPTS, max_tokens=16) == base

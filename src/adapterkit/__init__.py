@@ -31,6 +31,7 @@ _WHERE = {  # public name -> the module that defines it
     "adapterkit.core.generation": "generate",
     "adapterkit.core.io": "inspect_adapter save_adapter",
     "adapterkit.core.merging": "combine_adapters",
+    "adapterkit.core.quantize": "QuantizeReport quantize_base",
     "adapterkit.core.methods": (
         "PRESETS AdapterConfig BottleneckConfig EAdapterConfig IA3Config LAdapterConfig LoRAConfig PAdapterConfig "
         "PrefixConfig PromptConfig UnionConfig union"

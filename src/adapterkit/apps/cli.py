@@ -18,6 +18,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
 
 
+def cmd_llm_demo(args: argparse.Namespace) -> None:
+    from adapterkit.apps import llm_demo
+
+    llm_demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
+
+
 def cmd_multitask(args: argparse.Namespace) -> None:
     from adapterkit.apps import multitask
 
@@ -63,6 +69,94 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(json.dumps({"text": text, "label": labels.get(best, best), "scores": [round(v, 5) for v in row]}))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Complete prompts with a causal LM and its adapters; one JSON line per prompt (or streamed text)."""
+    from adapterkit.core.generation import generate
+
+    model, tokenizer, names = _causal_lm(args.model, args.adapter)
+    prompts, chosen = _prompts(args)
+    per_prompt = [name or (names[-1] if names else None) for name in chosen] if len(names) > 1 else None
+    if args.stream:
+        if len(prompts) != 1:
+            raise AdapterError("--stream prints one completion as it is made: pass a single --prompt")
+        generate(model, tokenizer, prompts, streamer=_printer(tokenizer, args.stop), **_sampling(args, per_prompt))
+        return
+    texts = generate(model, tokenizer, prompts, **_sampling(args, per_prompt))
+    for prompt, text in zip(prompts, texts, strict=True):
+        print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """An interactive conversation: each line read is a user turn, the answer is streamed back."""
+    from adapterkit.core.generation import generate
+
+    model, tokenizer, _ = _causal_lm(args.model, args.adapter)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("adapterkit chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        answer = generate(model, tokenizer, [messages], streamer=_printer(tokenizer, args.stop), **_sampling(args))
+        messages.append({"role": "assistant", "content": answer[0]})
+
+
+def _causal_lm(model_dir: str, given: Sequence[str]):
+    """The base model (or a full fine-tuning run's model) with the adapters ``[NAME=]PATH`` loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterkit.core.io import load_adapter
+    from adapterkit.runs import adapter_folder, is_run, run_config
+
+    folders = [(name, _pulled(path)) for name, path in map(_named, given)]
+    full = [path for _, path in folders if is_run(path) and run_config(path).get("full_finetune")]
+    if full and len(folders) > 1:
+        raise AdapterError(f"{full[0]} is a full fine-tuning run: it replaces the model, so pass it alone")
+    source = str(Path(full[0]) / "model") if full else model_dir
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    names = [] if full else [load_adapter(model, adapter_folder(path), name, activate=True) for name, path in folders]
+    return model, tokenizer, names
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
+    """The prompts (``--prompt`` and ``--input``) and the adapter each names (JSONL ``"adapter"``)."""
+    rows = [{"text": p} for p in args.prompt] + (_read_rows(args.input) if args.input else [])
+    if not rows:
+        raise AdapterError("nothing to complete: pass --prompt TEXT (repeatable) or --input FILE")
+    return [r["text"] for r in rows], [r.get("adapter") for r in rows]
+
+
+def _sampling(args: argparse.Namespace, per_prompt=None) -> dict:
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    return options | {"seed": args.seed, "stop": args.stop, "per_prompt": per_prompt, "chat": not args.raw}
+
+
+def _printer(tokenizer, stop: Sequence[str]):
+    """A streamer printing the completion as it comes, up to the first stop string."""
+    from transformers import TextStreamer
+
+    class Printer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.text, self.shown = "", 0
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.text += text
+            ends = [self.text.index(s) for s in stop if s in self.text]
+            # hold back what could still become a stop string
+            upto = min(ends) if ends else len(self.text) - (0 if stream_end else max(map(len, stop), default=1) - 1)
+            if upto > self.shown:
+                print(shown(self.text[self.shown : upto]), end="", flush=True)
+                self.shown = upto
+            if stream_end:
+                print(flush=True)
+
+    return Printer()
+
+
 def _pulled(path: str) -> str:
     """A ``hub:owner/name[@rev]`` reference becomes its folder in the local cache."""
     if not path.startswith("hub:"):
@@ -87,17 +181,24 @@ def _classifier(model_dir: str, num_labels: int | None):
 
 
 def _read_texts(path: str) -> list[str]:
-    """One text per line; a ``.jsonl`` file's lines are objects with a ``text`` field."""
+    return [row["text"] for row in _read_rows(path)]
+
+
+def _read_rows(path: str) -> list[dict]:
+    """One ``{"text": ...}`` per line; a ``.jsonl`` file's lines are objects with a string ``text`` field."""
     lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not path.endswith(".jsonl"):
-        return lines
-    texts = []
+        return [{"text": line} for line in lines]
+    rows = []
     for number, line in enumerate(lines, 1):
         try:
-            texts.append(json.loads(line)["text"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise AdapterError(f"{path}, line {number}: expected a JSON object with a 'text' field ({e!r})") from e
-    return texts
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError("no string 'text'")
+        except ValueError as e:
+            raise AdapterError(f"{path}, line {number}: expected a JSON object with a 'text' field ({e})") from e
+        rows.append(row)
+    return rows
 
 
 def _scores(model, tokenizer, texts: list[str]):
@@ -162,7 +263,7 @@ def _assignment(item: str) -> tuple[str, object]:
 def cmd_eval(args: argparse.Namespace) -> None:
     from adapterkit.training import evaluate_output
 
-    print(json.dumps(evaluate_output(args.model, args.adapter, args.data, args.batch_size)))
+    print(json.dumps(evaluate_output(args.model, args.adapter, args.data, args.batch_size, args.generate)))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -310,6 +411,10 @@ def parser() -> argparse.ArgumentParser:
     _run_options(d, "a subset of the data: about 3 minutes on 2 cores")
     d.add_argument("--methods", default="core", help="core (default), all, more, or presets: pfeiffer,ia3,...")
     d.set_defaults(func=cmd_demo)
+    ld = sub.add_parser("llm-demo", help="adapters vs full fine-tuning of SmolLM2-135M-Instruct on 3 generation tasks")
+    _run_options(ld, "zero-shot, LoRA and full fine-tuning on small splits: under 4 minutes on 2 cores")
+    ld.add_argument("--methods", help="all rows (default; --quick: zero-shot,lora,full) or presets: lora,ia3,...")
+    ld.set_defaults(func=cmd_llm_demo)
     m = sub.add_parser("multitask", help="5 tasks on one model: no forgetting, fusion, merging, storage")
     _run_options(m, "small subsets: about 6 minutes on 2 cores")
     m.set_defaults(func=cmd_multitask)
@@ -325,12 +430,19 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--list", action="store_true", help="list adapters, fusions and the active setup; no prediction")
     r.set_defaults(func=cmd_predict)
     _train_parser(sub)
+    _generation_parsers(sub)
     _hub_parsers(sub)
     e = sub.add_parser("eval", help="score an `adapterkit train` output on a data file")
     e.add_argument("--model", required=True, help="the local base model folder")
     e.add_argument("--adapter", required=True, help="the train output folder (OUT)")
     e.add_argument("--data", required=True, help="CSV, JSONL, Parquet or a save_to_disk folder")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument(
+        "--generate",
+        choices=["exact", "label", "json"],
+        help="chat runs: score greedy answers against each conversation's last message (exact match of a "
+        "normalised answer, the first label word, or the fields of a JSON object) instead of perplexity",
+    )
     e.set_defaults(func=cmd_eval)
     cp = sub.add_parser("compare", help="metrics, trainable params and sizes of train outputs side by side")
     cp.add_argument("outputs", nargs="+", help="train output folders")
@@ -383,9 +495,31 @@ def _train_parser(sub) -> None:
     t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
     t.add_argument("--metric", help="the selection metric (default: the task's first)")
     t.add_argument("--threads", type=int, help="torch threads")
+    t.add_argument("--quantize", choices=["int8", "int4"], help="keep the frozen base's Linear weights in int8/int4")
     t.add_argument("--resume", action="store_true", default=None, help="continue the run in --output")
+    t.add_argument("--fsdp", action="store_true", default=None, help="torchrun: shard the frozen base (FSDP2)")
     t.add_argument("--output", help="the output folder")
     t.set_defaults(func=cmd_train)
+
+
+def _generation_parsers(sub) -> None:
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--model", required=True, help="the local base model folder (a causal LM)")
+    sampling.add_argument("--adapter", action="append", default=[], help="[NAME=]PATH or hub:owner/name, repeatable")
+    sampling.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampling")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    sampling.add_argument("--seed", type=int, help="makes sampling repeatable")
+    sampling.add_argument("--stop", action="append", default=[], help="end the completion at this text, repeatable")
+    sampling.add_argument("--raw", action="store_true", help="plain text prompts, without the chat template")
+    g = sub.add_parser("generate", parents=[sampling], help="complete prompts with a causal LM and adapters")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt, repeatable")
+    g.add_argument("--input", help='prompts: one per line, or .jsonl {"text": ..., "adapter": NAME} per line')
+    g.add_argument("--stream", action="store_true", help="print the completion as it is made (one prompt)")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", parents=[sampling], help="talk to a causal LM and its adapters (streamed)")
+    c.add_argument("--system", help="a system message opening the conversation")
+    c.set_defaults(func=cmd_chat)
 
 
 def _hub_parsers(sub) -> None:
@@ -428,7 +562,7 @@ def _hub_parsers(sub) -> None:
     find.set_defaults(func=cmd_search)
 
 
-OFFLINE = {"demo", "multitask", "speech-demo", "predict"}  # their models and data are local: no hub lookups
+OFFLINE = {"demo", "llm-demo", "multitask", "speech-demo", "predict"}  # their models and data are local: no hub lookups
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from adapterkit.core import state as st
 from adapterkit.core.arch import ArchSpec, find_layers, spec_for
 from adapterkit.core.backbone import base_parameters, fingerprint, head_parameters
 from adapterkit.core.methods import AdapterConfig, resolve_config
+from adapterkit.core.quantize import is_quantized
 from adapterkit.errors import AdapterError, ArchitectureError, ConfigError
 
 
@@ -221,6 +222,11 @@ def merge_adapter(model: nn.Module, name: str) -> None:
         if not module.mergeable:
             method = state.configs[name].method
             raise AdapterError(f"adapter {name!r} ({method}) is not linear in the weights and cannot be merged")
+    if any(is_quantized(host) for host, _ in sites):
+        raise AdapterError(
+            f"adapter {name!r} sits on quantized (int8/int4) weights: merging would requantize them and "
+            "could not be undone exactly; keep it unmerged, or load it into the full-precision model and merge there"
+        )
     for host, module in sites:
         module.merge(host)
     state.merged.add(name)

@@ -14,6 +14,8 @@ from adapterkit.core.arch import model_type
 from adapterkit.core.state import is_adapter_param
 from adapterkit.errors import AdapterFileError
 
+BASE_FINGERPRINT = "_adapterkit_base_fingerprint"  # a quantized model's fingerprint, taken before quantizing
+
 
 def base_prefix(model: nn.Module) -> str:
     """``"bert."`` for a model with a task head around its backbone, ``""`` for a bare model.
@@ -54,8 +56,11 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
     The values are compared with a tolerance (:func:`same_base`), so the same checkpoint loaded in
     bf16 or fp32 matches while another checkpoint of the same architecture does not. The head is
-    left out, so ``num_labels`` does not matter.
+    left out, so ``num_labels`` does not matter. A model quantized by
+    :func:`adapterkit.core.quantize.quantize_base` gives its full-precision fingerprint.
     """
+    if BASE_FINGERPRINT in model.__dict__:
+        return model.__dict__[BASE_FINGERPRINT]
     out = {}
     for name, p in base_parameters(model).items():
         flat = p.detach().flatten()

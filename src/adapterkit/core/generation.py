@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from adapterkit.errors import AdapterError
 def generate(
     model: nn.Module,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[dict[str, str]]],
     *,
     chat: bool = True,
     max_tokens: int = 64,
@@ -27,12 +28,15 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     per_prompt: Sequence[str | None] | None = None,
+    streamer: Any = None,
 ) -> list[str]:
     """The completion of each prompt (without the prompt, special tokens or the stop string).
 
-    ``chat``: wrap each prompt as a user message through the tokenizer's chat template.
+    ``chat``: wrap each prompt as a user message through the tokenizer's chat template; a prompt
+    may also be a conversation, a list of ``{"role", "content"}`` messages (always templated).
     ``temperature`` 0 is greedy; above 0, sampling with ``top_p`` (seeded by ``seed``).
     ``per_prompt``: one adapter name (or None: the base model) per prompt, in one batch.
+    ``streamer``: a transformers streamer (e.g. ``TextStreamer``) fed the tokens as they come (one prompt).
     """
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise AdapterError(
@@ -42,10 +46,13 @@ def generate(
         raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")
     batch = _encode(tokenizer, prompts, chat)
     options = {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
+    options["eos_token_id"] = _ends(model, tokenizer)
     if temperature > 0:
         options |= {"temperature": temperature, "top_p": top_p}
     if stop:  # checked on the decoded text: works with any tokenizer (transformers' stop_strings does not)
         options["stopping_criteria"] = StoppingCriteriaList([StopStrings(tokenizer, stop, batch["input_ids"].shape[1])])
+    if streamer is not None:
+        options["streamer"] = streamer
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad(), _setup(model, per_prompt):
@@ -69,16 +76,27 @@ def _encode(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Te
     """Left-padded ids and mask (decoders continue from the last position of every row)."""
     if tokenizer.pad_token_id is None:
         raise AdapterError("the tokenizer has no padding token; set tokenizer.pad_token (e.g. to its eos token)")
-    if chat:
+    templated = chat or any(not isinstance(p, str) for p in prompts)
+    if templated:
         prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
+            tokenizer.apply_chat_template(_conversation(p), tokenize=False, add_generation_prompt=True) for p in prompts
         ]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return dict(tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat))
+        return dict(tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not templated))
     finally:
         tokenizer.padding_side = side
+
+
+def _ends(model: nn.Module, tokenizer) -> list[int]:
+    """The model's end tokens and the tokenizer's: a chat template ends each turn with the latter."""
+    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+    return ends + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, *ends) else ends
+
+
+def _conversation(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def _setup(model: nn.Module, per_prompt: Sequence[str | None] | None):

@@ -1,4 +1,4 @@
-"""``adapterkit train``: one complete, resumable training loop, single process or DDP under torchrun.
+"""``adapterkit train``: one complete, resumable training loop, single process or DDP/FSDP under torchrun.
 
 The run writes to ``output``: ``adapter/`` (the best adapter and head by the validation metric,
 or the last when there is no validation set; ``model/`` with ``--full-finetune``),
@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit.core import adapters, io
+from adapterkit.core import adapters, io, quantize
+from adapterkit.core.backbone import head_parameters
+from adapterkit.core.state import is_adapter_param
 from adapterkit.errors import AdapterError
 from adapterkit.files import write_folder
 from adapterkit.runs import RUN_CONFIG
@@ -63,6 +65,13 @@ class TrainConfig:
     metric: str | None = None  # the selection metric (default: the task's first)
     threads: int | None = None
     resume: bool = False
+    fsdp: bool = False  # under torchrun, shard the frozen base with FSDP2 (not part of identity(): same checkpoints)
+    group_by_length: bool | None = None  # None: the task's default (on for causal-lm and chat)
+    quantize: str | None = None  # "int8" or "int4": the frozen base's Linear weights (core.quantize)
+
+    def __post_init__(self) -> None:
+        if self.fsdp and self.full_finetune:
+            raise AdapterError("--fsdp shards the frozen base, and --full-finetune freezes nothing; drop --fsdp")
 
     @property
     def learning_rate(self) -> float:
@@ -71,7 +80,8 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The keys a resumed run must share with the run it continues."""
         keep = ("model", "data", "task", "text_column", "label_column", "adapter", "set", "full_finetune")
-        return {k: getattr(self, k) for k in (*keep, "epochs", "max_steps", "lr", "batch_size", "seed")}
+        order = ("epochs", "max_steps", "lr", "batch_size", "seed", "group_by_length", "quantize")
+        return {k: getattr(self, k) for k in (*keep, *order)}
 
 
 def train(config: TrainConfig, command: str = "") -> dict[str, Any]:
@@ -79,7 +89,7 @@ def train(config: TrainConfig, command: str = "") -> dict[str, Any]:
 
     ``config.threads`` is applied by the CLI (a process-wide setting); from Python, set torch's
     thread count yourself."""
-    dist = Distributed.from_env()
+    dist = Distributed.from_env(fsdp=config.fsdp)
     try:
         return Run(config, dist, command).fit()
     finally:
@@ -100,14 +110,16 @@ class Run:
         self.model = build_model(config, self.task).to(dist.device)
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.total_params = sum(p.numel() for p in self.model.parameters())
-        self.wrapped = dist.wrap(self.model)
+        # FSDP keeps what save_adapter reads (the adapter and head) whole on every rank: rank 0 saves alone.
+        self.wrapped = dist.wrap(self.model, whole=saved_parameters(self.model))
         self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         schedule = Schedule(
             config.learning_rate, self.total_steps, config.weight_decay, config.warmup, config.max_grad_norm
         )
         self.position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped": False}
-        self.position |= {"examples": 0, "seconds": 0.0}  # training throughput over the whole run, resumes included
+        # training throughput over the whole run, resumes included; slots: tokens with padding
+        self.position |= {"examples": 0, "tokens": 0, "slots": 0, "seconds": 0.0}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.loop = Loop(params, schedule, modules=[self.wrapped], position=self.position)
         self.metric = config.metric or self.task.metrics[0]
@@ -144,18 +156,33 @@ class Run:
         return self.position["examples"] / max(self.position["seconds"], 1e-9)
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(len(self.train_set), self.config.batch_size, self.config.seed, epoch)
+        grouped = self.config.group_by_length
+        grouped = self.task.group_by_length if grouped is None else grouped
+        lengths = [len(e["input_ids"]) for e in self.train_set] if grouped else None
+        return epoch_batches(len(self.train_set), self.config.batch_size, self.config.seed, epoch, lengths)
 
     def _loss(self, rows: list[int]) -> torch.Tensor:
         mine = self.dist.share(rows)
         batch = self.task.collate([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
-        loss = self.wrapped(**{k: v.to(self.dist.device) for k, v in batch.items()}).loss
-        # Each rank's mean is weighted by its share, so DDP's gradient mean (and the logged mean) is the global one.
-        return loss * (len(mine) * self.dist.world / len(rows))
+        loss = self.task.loss(self.wrapped, {k: v.to(self.dist.device) for k, v in batch.items()})
+        # Each rank's mean is weighted by its share of the loss terms (rows, or labelled tokens), so DDP's
+        # gradient mean (and the logged mean) is the global one.
+        terms = self.task.loss_terms
+        return loss * (
+            terms([self.train_set[i] for i in mine]) * self.dist.world / terms([self.train_set[i] for i in rows])
+        )
+
+    def _length(self, row: int) -> int:
+        example = self.train_set[row]
+        return len(example.get("input_ids", example.get("input_values", ())))
 
     def _after_step(self, loss: torch.Tensor, rows: list[int], seconds: float) -> None:
         clock = time.perf_counter()
         self.position["examples"] += len(rows)
+        self.position["tokens"] += sum(self._length(i) for i in rows)
+        self.position["slots"] += sum(
+            len(part) * max(map(self._length, part)) for part in self.dist.parts(rows) if part
+        )
         self.history["loss"].append([self.position["step"], self.dist.mean(loss)])
         if self.position["step"] % self.config.save_steps == 0:
             self._checkpoint()
@@ -163,7 +190,7 @@ class Run:
 
     def _end_of_epoch(self, epoch: int) -> bool:
         if self.val_set:
-            scores = self.dist.from_main(lambda: evaluate(self.task, self.model, self.val_set, self.tokenizer))
+            scores = self.dist.with_model(lambda: evaluate(self.task, self.model, self.val_set, self.tokenizer))
             self.history["eval"].append({"step": self.position["step"], "epoch": epoch, **scores})
             self._keep_best(scores[self.metric])
         self._checkpoint()
@@ -205,6 +232,8 @@ class Run:
             "steps": self.position["step"],
             "early_stopped": self.position["stopped"],
             "train_examples_per_s": examples_per_s,
+            "train_tokens_per_s": self.position["tokens"] / max(self.position["seconds"], 1e-9),
+            "padding_share": 1 - self.position["tokens"] / max(self.position["slots"], 1),
             "distributed": self.dist.describe(),
             "history": self.history,
         }
@@ -246,10 +275,23 @@ class Run:
         self.history = state["history"]
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The rows of each batch of ``epoch``: a permutation seeded by ``seed + epoch``, cut in order."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """The rows of each batch of ``epoch``: a permutation seeded by ``seed + epoch``, cut in order.
+
+    With ``lengths``, rows are grouped by length as transformers' ``group_by_length`` does: each
+    run of 50 batches of the permutation is sorted longest first and cut, and the batches are then
+    shuffled, so a batch pads to a similar length while every epoch still sees every row once.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    mega = 50 * batch_size
+    batches = []
+    for start in range(0, n, mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, list, list, Any]:
@@ -289,6 +331,11 @@ def _load(auto_class, path: str, **kwargs: Any):
         raise AdapterError(f"cannot load {auto_class.__name__} from {path!r}: {e}") from e
 
 
+def saved_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``io.save_adapter`` writes: every adapter's and the task head's."""
+    return [p for n, p in model.named_parameters() if is_adapter_param(n)] + list(head_parameters(model).values())
+
+
 def task_model(path: str, task: Task) -> nn.Module:
     """The task's transformers model from folder ``path``; a head of another size is created anew."""
     import transformers
@@ -300,6 +347,10 @@ def task_model(path: str, task: Task) -> nn.Module:
 def build_model(config: TrainConfig, task: Task) -> nn.Module:
     """The task's model from ``config.model`` with the adapter (or, full fine-tuning, every weight) training."""
     model = task_model(config.model, task)
+    if config.quantize and config.full_finetune:
+        raise AdapterError("--quantize keeps the frozen base in int8/int4 and --full-finetune trains it: pick one")
+    if config.quantize:
+        quantize.quantize_base(model, config.quantize)
     if config.full_finetune:
         model.requires_grad_(True)
         return model

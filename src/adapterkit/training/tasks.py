@@ -33,6 +33,7 @@ class Task(abc.ABC):
     auto_class: ClassVar[str]  # the transformers Auto* class
     metrics: ClassVar[tuple[str, ...]]  # the first is the default selection metric
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    group_by_length: ClassVar[bool] = False  # batch examples of similar length (see ``training.loop.epoch_batches``)
 
     def __init__(self, text_column: str, label_column: str, max_length: int, labels: list[str] | None = None):
         self.text_column, self.label_column, self.max_length = text_column, label_column, max_length
@@ -51,6 +52,14 @@ class Task(abc.ABC):
 
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         return pad_batch(examples, pad_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one batch: the model's own."""
+        return model(**batch).loss
+
+    def loss_terms(self, examples: Sequence[Example]) -> int:
+        """How many terms the loss of these examples averages: one per row."""
+        return len(examples)
 
     @abc.abstractmethod
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Any]:
@@ -172,6 +181,10 @@ class TokenClassification(Task):
 
     def model_kwargs(self):
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels))}
+
+    def loss_terms(self, examples):
+        """One per tagged sub-word: the model's loss is their mean."""
+        return max(1, sum(sum(y != IGNORE for y in e["labels"]) for e in examples))
 
     def encode(self, table: Table, tokenizer) -> list[Example]:
         index, examples = {tag: i for i, tag in enumerate(self.labels)}, []
@@ -310,22 +323,34 @@ def _audio(table: Table, i: int, source: Any, column: str) -> np.ndarray:
 
 
 class CausalLM(Task):
-    """Language modelling on a text column; the loss is over the text's tokens (padding ignored)."""
+    """Language modelling on a text column; the loss is over the text's tokens (padding ignored).
+
+    Logits are computed only at the positions that predict a labelled token (``logits_to_keep``):
+    the output layer over a 49k-word vocabulary is a fifth of a 135M model's compute, and a chat
+    example's prompt carries no loss. Examples are batched by length, so padding stays small.
+    """
 
     name, auto_class = "causal-lm", "AutoModelForCausalLM"
     metrics = ("perplexity", "loss")
     lower_is_better = frozenset({"perplexity", "loss"})
+    group_by_length = True
 
     def encode(self, table: Table, tokenizer) -> list[Example]:
         texts = [str(t) for t in table.column(self.text_column, "--text-column")]
         ids = tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return [{"input_ids": i, "labels": list(i)} for i in ids]
 
+    def loss_terms(self, examples):
+        """One per labelled token (the first token predicts nothing)."""
+        return max(1, sum(sum(y != IGNORE for y in e["labels"][1:]) for e in examples))
+
+    def loss(self, model, batch):
+        """The mean cross-entropy over labelled tokens, as ``model(**batch).loss``."""
+        nll, counted = token_nll(model, batch)
+        return nll.sum() / counted.sum().clamp(min=1)
+
     def predict(self, model, batch):
-        logits = model(**batch).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-        counted = targets != IGNORE
+        nll, counted = token_nll(model, batch)
         return list(zip(nll.sum(-1).tolist(), counted.sum(-1).tolist(), strict=True))
 
     def gold(self, examples):
@@ -355,7 +380,8 @@ class Chat(CausalLM):
             raise DataError("--task chat needs a tokenizer with a chat template (an instruct model's)")
         column = table.column(self.text_column, "--text-column")
         return [
-            self._example(table, i, tokenizer, _messages(table, i, self.text_column, v)) for i, v in enumerate(column)
+            self._example(table, i, tokenizer, conversation(table, i, self.text_column, v))
+            for i, v in enumerate(column)
         ]
 
     def _example(self, table: Table, row: int, tokenizer, messages: list[dict[str, str]]) -> Example:
@@ -383,7 +409,7 @@ def _render(tokenizer, messages: list[dict[str, str]], prompt: bool) -> list[int
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)["input_ids"])
 
 
-def _messages(table: Table, row: int, column: str, value: Any) -> list[dict[str, str]]:
+def conversation(table: Table, row: int, column: str, value: Any) -> list[dict[str, str]]:
     """One row's conversation, checked: a list of {"role": str, "content": str}."""
     if isinstance(value, str):
         try:
@@ -400,6 +426,21 @@ def _messages(table: Table, row: int, column: str, value: Any) -> list[dict[str,
     if not fits:
         raise table.fail(row, column, 'expected a list of {"role": ..., "content": ...} messages')
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each labelled token's negative log-likelihood (0 elsewhere) and the mask of labelled tokens.
+
+    Position p predicts token p + 1; logits are computed only at the positions some row needs.
+    """
+    targets = batch["labels"][:, 1:]  # B x (L-1)
+    counted = targets != IGNORE
+    where = counted.any(0).nonzero().squeeze(1)  # the positions that predict a labelled token
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=where).logits.float()  # B x len(where) x V
+    kept = targets[:, where]
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), kept, ignore_index=IGNORE, reduction="none")
+    return nll, counted[:, where]
 
 
 def accuracy(predicted: Sequence, gold: Sequence) -> float:

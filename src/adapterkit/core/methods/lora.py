@@ -25,6 +25,7 @@ from torch import nn
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
 from adapterkit.core.composition import gather_rows, loop_rows
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
+from adapterkit.core.quantize import dense_weight
 from adapterkit.errors import AdapterError, ConfigError
 
 
@@ -120,13 +121,13 @@ class DoRA(LoRA):
     def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
         super().__init__(host, config)
         with torch.no_grad():
-            norm = out_in(host, host.weight).to(self.lora_A.dtype).norm(dim=1)
+            norm = out_in(host, dense_weight(host)).to(self.lora_A.dtype).norm(dim=1)
         self.lora_magnitude = nn.Parameter(norm)
         self.register_buffer("merged_norm", None, persistent=False)
 
     def scale(self, host: nn.Module) -> torch.Tensor:
         """``m / ||W + s B A||`` per output row, the norm detached as in the DoRA paper."""
-        weight = out_in(host, host.weight).to(self.lora_A.dtype) + self.delta().detach()
+        weight = out_in(host, dense_weight(host)).to(self.lora_A.dtype) + self.delta().detach()
         return self.lora_magnitude / weight.norm(dim=1).detach()
 
     def adapt(self, host, x, out):
@@ -134,7 +135,7 @@ class DoRA(LoRA):
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base = out.to(x.dtype) - (host.bias if host.bias is not None else 0)
         else:  # the base output of the dropped-out input, as peft
-            base = F.linear(x, out_in(host, host.weight).to(x.dtype))
+            base = F.linear(x, out_in(host, dense_weight(host)).to(x.dtype))
         scale = self.scale(host)
         return out + ((scale - 1) * base + scale * self.lora(x) * self.scaling).to(out.dtype)
 
