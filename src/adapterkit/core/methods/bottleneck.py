@@ -146,7 +146,12 @@ class _Site(AdapterModule):
 
     def row_key(self):
         b = self.bottleneck
-        return (type(self), type(b.act), b.dropout.p, b.adapter_up.bias.dtype) if _plain(b) else id(self)
+        # the width too: zero-padding to a wider adapter would change a row's result with the batch's mix
+        return (
+            (type(self), type(b.act), b.dropout.p, b.adapter_up.bias.dtype, b.adapter_down.out_features)
+            if _plain(b)
+            else id(self)
+        )
 
 
 class SequentialAdapter(_Site):

@@ -81,15 +81,17 @@ class LoRA(_Additive):
         if not self._batchable():
             return id(self)
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
-        return (LoRA, *self.lora_A.shape[1:], *self.lora_B.shape[:1], self.lora_A.dtype, p)
+        # the rank too: zero-padding to another adapter's rank would change the reduction order of a row's
+        # update, so its result would depend on which adapters share the batch (the serving engine's invariance)
+        return (LoRA, *self.lora_A.shape, *self.lora_B.shape[:1], self.lora_A.dtype, p)
 
     def _batchable(self) -> bool:
         return type(self) is LoRA and self.gate is None
 
     @staticmethod
     def adapt_rows(host, x, out, modules: list[LoRA], index: torch.Tensor):
-        """Row ``i`` through adapter ``index[i]``: the adapters' A and s*B, zero-padded to one rank
-        (and a zero adapter for "none"), gathered per row: two batched matmuls in all."""
+        """Row ``i`` through adapter ``index[i]``: the adapters' A and s*B (one rank, ``row_key``; a zero
+        adapter for "none"), gathered per row: two batched matmuls in all."""
         if not modules[0]._batchable():  # DoRA, gated: each on its own rows
             return loop_rows(host, x, out, modules, index)
         rank = max(m.lora_A.shape[0] for m in modules)
