@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import transformers as T
-from test_chat import WORDS, tokenizer
 
 import adapterkit as ak
 from adapterkit.training.answers import (
@@ -18,6 +17,8 @@ from adapterkit.training.answers import (
     label_accuracy,
     normalise,
 )
+
+from test_chat import WORDS, tokenizer
 
 
 @pytest.mark.parametrize(

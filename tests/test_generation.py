@@ -3,11 +3,11 @@
 import pytest
 import torch
 import transformers as T
-from test_chat import WORDS, tokenizer
 
 import adapterkit as ak
 
 from conftest import randomize_adapters
+from test_chat import WORDS, tokenizer
 
 PROMPTS = ["what is two plus two ?", "what is three ?"]
 

@@ -9,8 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
-from test_chat import SUMS, WORDS, conversation, tokenizer
-from test_removal import anatomy
 
 import adapterkit as ak
 from adapterkit.apps import cli
@@ -20,6 +18,8 @@ from adapterkit.core.quantize import Int4Linear, base_bytes, dense_weight, is_qu
 from adapterkit.errors import AdapterError, AdapterFileError, ConfigError
 
 from conftest import DECODER
+from test_chat import SUMS, WORDS, conversation, tokenizer
+from test_removal import anatomy
 
 # Linear inputs of 64 and 128: int4 takes groups of 32/64/128 input weights (DECODER's 37 would stay fp32).
 CONFIG = dict(DECODER, hidden_size=64, intermediate_size=128)

@@ -19,14 +19,14 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from serve_fakes import FakeEngine, Running, Sampling, words
-from test_chat import tokenizer
 
 import adapterkit as ak
 from adapterkit.serve.app import Limits, create_app, hash_key
 from adapterkit.serve.registry import AdapterUnavailable, Bounds, Direct, Registry
 
 from conftest import make_model
+from serve_fakes import FakeEngine, Running, Sampling, words
+from test_chat import tokenizer
 
 KEY = "sk-test-key"
 LIMITS = Limits(max_tokens=64, max_prompt_tokens=40, request_timeout=1.5, max_body_bytes=2**16)

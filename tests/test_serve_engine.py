@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 import transformers as T
-from test_chat import WORDS, tokenizer
 
 import adapterkit as ak
 from adapterkit.core.methods.lora import LoRA
 from adapterkit.core.state import adapter_modules
-from adapterkit.serve.engine import Engine, QueueFull, Sampling, _Text
+from adapterkit.serve.engine import Engine, QueueFull, Sampling, TextDeltas
 
 from conftest import randomize_adapters
+from test_chat import WORDS, tokenizer
 
 KINDS = {  # adapter name -> method (and options): every family, two LoRA ranks
     "lora": ("lora", {"r": 4}),
@@ -257,14 +257,14 @@ class Bytes:
 
 
 def test_text_never_splits_a_character_and_holds_back_a_forming_stop_string():
-    text, out = _Text(Bytes(), ("wörld",)), []
+    text, out = TextDeltas(Bytes(), ("wörld",)), []
     for byte in "héllo wörld!".encode():
         out.append(text.add(byte))
         if out[-1][1]:
             break
     assert "".join(t for t, _ in out) == "héllo " and len(out) == len("héllo wörld".encode())
     assert all("\ufffd" not in t for t, _ in out) and out[7] == ("", False)  # "w" held back
-    plain = _Text(Bytes(), ())
+    plain = TextDeltas(Bytes(), ())
     assert "".join(plain.add(b)[0] for b in "naïve ✓".encode()) == "naïve ✓"
 
 

@@ -21,7 +21,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_llm_demo(args: argparse.Namespace) -> None:
     from adapterkit.apps import llm_demo
 
-    llm_demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
+    llm_demo.main(
+        quick=args.quick, output=args.output, threads=args.threads, methods=args.methods, quantize=args.quantize
+    )
 
 
 def cmd_multitask(args: argparse.Namespace) -> None:
@@ -281,6 +283,26 @@ def cmd_hub_serve(args: argparse.Namespace) -> None:
     serve(args.root, args.host, args.port, args.private, limits)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """An OpenAI-compatible server of one model and its adapters (``adapterkit.serve``)."""
+    from adapterkit.serve.app import Limits, Options, serve
+
+    adapters = dict(map(_served, args.adapter))
+    limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, args.request_timeout)
+    options = Options(adapters, args.hub, args.allow_hub_refs, args.api_key_file, args.max_batch, args.max_queue,
+                      args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits)  # fmt: skip
+    print(f"adapterkit serve on http://{args.host}:{args.port}/v1 ({args.model}, {len(adapters)} adapters)")
+    serve(args.model, options, args.host, args.port)
+
+
+def _served(value: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``NAME=hub:owner/name@tag``: a served adapter needs a name."""
+    name, sep, source = value.partition("=")
+    if not sep or not name or not source:
+        raise AdapterError(f"--adapter {value!r}: give NAME=PATH or NAME=hub:owner/name@tag")
+    return name, source
+
+
 def cmd_hub_token(args: argparse.Namespace) -> None:
     from adapterkit.hub.store import Store
 
@@ -414,6 +436,7 @@ def parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("llm-demo", help="adapters vs full fine-tuning of SmolLM2-135M-Instruct on 3 generation tasks")
     _run_options(ld, "zero-shot, LoRA and full fine-tuning on small splits: under 4 minutes on 2 cores")
     ld.add_argument("--methods", help="all rows (default; --quick: zero-shot,lora,full) or presets: lora,ia3,...")
+    ld.add_argument("--quantize", choices=["int8", "int4"], help="adapter rows on an int8/int4 base (torchao)")
     ld.set_defaults(func=cmd_llm_demo)
     m = sub.add_parser("multitask", help="5 tasks on one model: no forgetting, fusion, merging, storage")
     _run_options(m, "small subsets: about 6 minutes on 2 cores")
@@ -432,6 +455,7 @@ def parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _generation_parsers(sub)
     _hub_parsers(sub)
+    _serve_parser(sub)
     e = sub.add_parser("eval", help="score an `adapterkit train` output on a data file")
     e.add_argument("--model", required=True, help="the local base model folder")
     e.add_argument("--adapter", required=True, help="the train output folder (OUT)")
@@ -520,6 +544,26 @@ def _generation_parsers(sub) -> None:
     c = sub.add_parser("chat", parents=[sampling], help="talk to a causal LM and its adapters (streamed)")
     c.add_argument("--system", help="a system message opening the conversation")
     c.set_defaults(func=cmd_chat)
+
+
+def _serve_parser(sub) -> None:
+    v = sub.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible HTTP API")
+    v.add_argument("--model", required=True, help="the local base model folder (a causal LM or an encoder)")
+    v.add_argument("--adapter", action="append", default=[], help="NAME=PATH or NAME=hub:owner/name@tag, repeatable")
+    v.add_argument("--hub", help="the hub for hub: references (default: $ADAPTERKIT_HUB)")
+    v.add_argument("--allow-hub-refs", action="store_true", help="a request's model may be hub:owner/name@tag")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key-file", help="API keys, one a line (kept hashed); without it no key is needed")
+    v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    v.add_argument("--max-queue", type=int, default=256, help="requests waiting; past it 429")
+    v.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one sequence")
+    v.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    v.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (tokens)")
+    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds; then the generation is cancelled")
+    v.add_argument("--max-adapters", type=int, default=32, help="adapters kept loaded while idle")
+    v.add_argument("--max-adapter-mb", type=float, default=1024, help="adapter weights kept loaded while idle")
+    v.set_defaults(func=cmd_serve)
 
 
 def _hub_parsers(sub) -> None:

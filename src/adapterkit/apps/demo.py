@@ -73,14 +73,15 @@ def quick_run(run: Run) -> Run:
     return dataclasses.replace(run, lr=run.lr * QUICK_LR_FACTOR, epochs=1.0)
 
 
-def select_runs(methods: str) -> list[Run]:
-    """``"core"`` (the default five), ``"all"``, ``"more"`` (all but the core) or preset names."""
+def select_runs(methods: str, core: Sequence[Run] = RUNS, more: Sequence[Run] = MORE_RUNS) -> list[Run]:
+    """``"core"`` (the default five), ``"all"``, ``"more"`` (all but the core) or preset names (or labels)."""
+    core, more = list(core), list(more)
     if methods in ("core", "all", "more"):
-        return {"core": RUNS, "all": RUNS + MORE_RUNS, "more": MORE_RUNS}[methods]
+        return {"core": core, "all": core + more, "more": more}[methods]
     wanted = methods.split(",")
-    chosen = [run for run in RUNS + MORE_RUNS if run.preset in wanted or run.label in wanted]
+    chosen = [run for run in core + more if run.preset in wanted or run.label in wanted]
     if len(chosen) != len(wanted):
-        known = ", ".join(str(run.preset) for run in RUNS + MORE_RUNS)
+        known = ", ".join(str(run.preset) for run in core + more)
         raise AdapterError(f"unknown demo method in {methods!r}; choose core, all, more or from: {known}")
     return chosen
 

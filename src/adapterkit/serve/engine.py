@@ -163,7 +163,7 @@ class Stream:
         return self._cancelled.is_set()
 
 
-class _Text:
+class TextDeltas:
     """A completion's text as its tokens come: decoded incrementally (never splitting a multi-byte
     character), cut before the first stop string, and held back while a stop string may be forming."""
 
@@ -214,7 +214,7 @@ class _Request:
     adapter: str | None
     sampling: Sampling
     stream: Stream
-    text: _Text
+    text: TextDeltas
     generator: torch.Generator | None = None
     kv: KV | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
@@ -285,7 +285,7 @@ class Engine:
         if adapter is not None and not isinstance(adapter, str):
             raise AdapterError(f"adapter must be a name or None, got {adapter!r}")
         stream = Stream(self._wake)
-        request = _Request(prompt, adapter, sampling, stream, _Text(self.tokenizer, sampling.stop))
+        request = _Request(prompt, adapter, sampling, stream, TextDeltas(self.tokenizer, sampling.stop))
         if sampling.temperature > 0:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(seed)

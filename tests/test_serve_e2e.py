@@ -1,0 +1,92 @@
+"""``adapterkit serve`` end to end: the real engine behind the HTTP layer, called with the ``openai``
+client and ``curl``: greedy answers equal ``ak.generate`` in-process for the same adapter, and 8
+concurrent requests for 8 different adapters each get their own adapter's answer."""
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+import transformers as T
+
+import adapterkit as ak
+from adapterkit.serve.app import Options, build
+
+from serve_fakes import Running
+from test_chat import WORDS, tokenizer
+
+QUESTIONS = ["what is two plus two ?", "what is three plus two ?", "what is four ?", "two plus three plus four ?"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama with a word-level chat tokenizer, and 8 LoRA adapters with random weights."""
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0, eos_token_id=3)  # fmt: skip
+    model = T.LlamaForCausalLM(config)
+    model.save_pretrained(root / "llama")
+    tokenizer().save_pretrained(root / "llama")
+    for i in range(8):
+        ak.add_adapter(model, f"a{i}", "lora", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if f".a{i}." in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.8)
+        ak.save_adapter(model, f"a{i}", root / f"a{i}")
+    return root, model
+
+
+@pytest.fixture(scope="module")
+def served(folder):
+    root, _ = folder
+    server = Running(build(str(root / "llama"), Options(adapters={f"a{i}": str(root / f"a{i}") for i in range(8)})))
+    yield server
+    server.stop()
+
+
+def ask(server, model: str, question: str) -> str:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": question}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    return reply.choices[0].message.content
+
+
+def in_process(model, adapter: str | None, question: str) -> str:
+    ak.set_active(model, adapter)
+    return ak.generate(model, tokenizer(), [question], max_tokens=6)[0]
+
+
+def test_greedy_answers_equal_generate_in_process(served, folder):
+    _, model = folder
+    for adapter in [None, "a0", "a5"]:
+        for question in QUESTIONS:
+            assert ask(served, adapter or "llama", question) == in_process(model, adapter, question)
+
+
+def test_eight_adapters_at_once_each_get_their_own_answer(served, folder):
+    _, model = folder
+    jobs = [(f"a{i}", QUESTIONS[i % len(QUESTIONS)]) for i in range(8)] * 2
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda job: ask(served, *job), jobs))
+    expected = [in_process(model, adapter, question) for adapter, question in jobs]
+    assert answers == expected
+    assert len(set(expected)) > 3  # the adapters really answer differently
+
+
+def test_curl_completes_and_streams(served, folder):
+    _, model = folder
+    body = {"model": "a2", "prompt": "what is two", "max_tokens": 4, "temperature": 0}
+    curl = [shutil.which("curl"), "-sS", "-H", "Content-Type: application/json", f"{served.url}/v1/completions"]
+    out = json.loads(subprocess.run([*curl, "-d", json.dumps(body)], capture_output=True, text=True, check=True).stdout)
+    ak.set_active(model, "a2")
+    assert out["choices"][0]["text"] == ak.generate(model, tokenizer(), ["what is two"], chat=False, max_tokens=4)[0]
+    streamed = subprocess.run([*curl, "-N", "-d", json.dumps({**body, "stream": True})], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+    events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == out["choices"][0]["text"]
