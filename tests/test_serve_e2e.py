@@ -90,3 +90,22 @@ def test_curl_completes_and_streams(served, folder):
     events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == out["choices"][0]["text"]
+
+
+def test_a_config_without_architectures_is_served_by_its_type(folder, tmp_path):
+    """A checkpoint converted from GGUF may name no architecture: a Llama is still a causal LM."""
+    from adapterkit.serve.app import CAUSAL, ENCODER, load
+
+    root, _ = folder
+    shutil.copytree(root / "llama", tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    config.pop("architectures", None)
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    assert load(str(tmp_path / "llama"))[2] == CAUSAL
+    bert = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    T.BertModel(bert).save_pretrained(tmp_path / "bert")
+    tokenizer().save_pretrained(tmp_path / "bert")
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    config.pop("architectures", None)
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    assert load(str(tmp_path / "bert"))[2] == ENCODER  # BERT has a causal-LM class too, but a masked-LM one

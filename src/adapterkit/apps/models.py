@@ -50,6 +50,7 @@ def _convert(gguf: Path, folder: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # portable, not this disk's path
+    config.architectures = [type(model).__name__]  # what save_pretrained records: servers read the kind from it
     config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -711,13 +711,29 @@ def load(model_dir: str):
     config = AutoConfig.from_pretrained(model_dir)
     architectures = config.architectures or []
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or _decoder_only(config):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer, CAUSAL
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), tokenizer, ENCODER
     return AutoModel.from_pretrained(model_dir).eval(), tokenizer, ENCODER
+
+
+def _decoder_only(config) -> bool:
+    """A config that names no architecture (e.g. one converted from GGUF): a causal LM when its type
+    has a causal-LM class and no masked-LM one (Llama yes; BERT, which has both, no)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return (
+        not config.architectures
+        and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 @dataclasses.dataclass(frozen=True)

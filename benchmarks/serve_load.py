@@ -1,0 +1,188 @@
+"""``adapterkit serve`` under load, over HTTP on loopback: many adapters in one batch vs the bare model,
+vs one request at a time, and latency.
+
+    .venv/bin/python benchmarks/serve_load.py [--clients 16] [--requests 2] [--output benchmarks/results_serve_load.md]
+
+SmolLM2-135M-Instruct (fp32), the real server (``adapterkit.serve.app.build``, uvicorn in a thread of this
+process, 2 torch threads), ``--clients`` concurrent clients each sending ``--requests`` streamed
+``/v1/completions`` (the same 20-token prompt, ``max_tokens`` 16, greedy), every request for its own
+adapter in turn. Adapters: LoRA r=8 on q/v with random weights (1, 8 or 64 distinct), and a mix of LoRA,
+IA3, Pfeiffer and Houlsby. Every adapter is loaded by one warm-up request first (not timed).
+Throughput: completion tokens (from ``usage``) over the wall time of the whole load. The baseline serves
+the same 64-adapter load one request at a time (``--max-batch 1``), as a server that swaps the active
+adapter per request without per-row batching must when every request names another adapter.
+Latency: time to first streamed token (TTFT) and to the end, unloaded (one request at a time) and under
+the 64-adapter load; p50 and p99 over the requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import torch
+
+PROMPT = "Write a short, friendly note to a neighbour about a lost cat called Pepper. "
+TOKENS = 16
+
+
+def adapters(model_dir: str, folder: Path) -> dict[str, str]:
+    """64 LoRAs and one IA3, Pfeiffer and Houlsby adapter with random weights, saved once."""
+    from transformers import AutoModelForCausalLM
+
+    import adapterkit as ak
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    kinds = {f"lora{i}": ("lora", {"r": 8}) for i in range(64)} | {
+        "ia3": ("ia3", {}),
+        "pfeiffer": ("pfeiffer", {}),
+        "houlsby": ("houlsby", {}),
+    }
+    out = {}
+    for i, (name, (preset, options)) in enumerate(kinds.items()):
+        ak.add_adapter(model, name, preset, **options)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(i)
+            for key, p in model.named_parameters():
+                if f".{name}." in key:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        ak.save_adapter(model, name, folder / name)
+        ak.delete_adapter(model, name)
+        out[name] = str(folder / name)
+    return out
+
+
+class Server:
+    """The app on a free loopback port, in a thread."""
+
+    def __init__(self, model_dir: str, sources: dict[str, str], max_batch: int) -> None:
+        import uvicorn
+
+        from adapterkit.serve.app import Options, build
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        options = Options(adapters=sources, max_batch=max_batch, max_adapters=128, max_queue=1024)
+        config = uvicorn.Config(build(model_dir, options), host="127.0.0.1", port=port, log_level="warning")
+        self.server, self.url = uvicorn.Server(config), f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def request(url: str, model: str, tokens: int = TOKENS) -> tuple[float, float, int]:
+    """One streamed completion: seconds to the first token, to the end, and completion tokens."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    start, first, tokens = time.perf_counter(), None, 0
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=600) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return (first or end) - start, end - start, tokens
+
+
+def load(url: str, models: list[str], clients: int, per_client: int) -> tuple[float, list[tuple[float, float, int]]]:
+    """``clients`` threads, each sending ``per_client`` requests, request k for ``models[k % len(models)]``."""
+    jobs = [models[k % len(models)] for k in range(clients * per_client)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda m: request(url, m), jobs))
+    return time.perf_counter() - start, results
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=2, help="per client")
+    p.add_argument("--output")
+    args = p.parse_args()
+    import tempfile
+
+    from adapterkit.apps.models import smollm2
+
+    torch.set_num_threads(2)
+    model_dir = str(smollm2())
+    base = Path(model_dir).name
+    loras = [f"lora{i}" for i in range(64)]
+    setups = {
+        "bare model": [base],
+        "1 LoRA": loras[:1],
+        "8 distinct LoRAs": loras[:8],
+        "64 distinct LoRAs": loras,
+        "mix: LoRA, IA3, Pfeiffer, Houlsby": ["lora0", "ia3", "pfeiffer", "houlsby"],
+    }
+    rows, latency = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = adapters(model_dir, Path(tmp))
+        for max_batch, label in [(args.clients, "batched"), (1, "one at a time")]:
+            server = Server(model_dir, sources, max_batch)
+            try:
+                for name in [*sources, base]:  # warm-up: every adapter loaded once
+                    request(server.url, name, tokens=1)
+                if label == "one at a time":
+                    seconds, results = load(server.url, loras, args.clients, args.requests)
+                    rows["64 distinct LoRAs, one request at a time (max_batch 1)"] = (seconds, results)
+                    continue
+                latency["unloaded"] = [request(server.url, loras[k % 64]) for k in range(8)]
+                for setup, models in setups.items():
+                    rows[setup] = load(server.url, models, args.clients, args.requests)
+                    print(setup, f"{sum(r[2] for r in rows[setup][1]) / rows[setup][0]:.1f} tok/s", flush=True)
+                latency["under load (64 LoRAs)"] = rows["64 distinct LoRAs"][1]
+            finally:
+                server.stop()
+    throughput = {k: sum(r[2] for r in results) / seconds for k, (seconds, results) in rows.items()}
+    bare = throughput["bare model"]
+    lines = [
+        f"SmolLM2-135M-Instruct, fp32, 2 threads, loopback; {args.clients} concurrent clients x {args.requests} "
+        f"streamed completions each, {TOKENS} new tokens at most, greedy; `--max-batch {args.clients}`.",
+        "",
+        "| load | completion tokens/s | vs bare model |",
+        "|---|---:|---:|",
+        *[f"| {k} | {v:.1f} | {v / bare:.2f} |" for k, v in throughput.items()],
+        "",
+        f"64 distinct LoRAs batched vs one request at a time: "
+        f"**{throughput['64 distinct LoRAs'] / throughput[next(k for k in rows if 'one request' in k)]:.2f}x**.",
+        "",
+        "| latency | TTFT p50 | TTFT p99 | total p50 | total p99 |",
+        "|---|---:|---:|---:|---:|",
+        *[
+            f"| {k} | {pct([r[0] for r in v], 0.5):.2f} s | {pct([r[0] for r in v], 0.99):.2f} s | "
+            f"{pct([r[1] for r in v], 0.5):.2f} s | {pct([r[1] for r in v], 0.99):.2f} s |"
+            for k, v in latency.items()
+        ],
+        "",
+        f"Mean completion length: {statistics.mean(r[2] for r in rows['bare model'][1]):.1f} tokens (bare model).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
