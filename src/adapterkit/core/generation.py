@@ -46,7 +46,7 @@ def generate(
         raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")
     batch = _encode(tokenizer, prompts, chat)
     options = {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
-    options["eos_token_id"] = _ends(model, tokenizer)
+    options["eos_token_id"] = end_tokens(model, tokenizer)
     if temperature > 0:
         options |= {"temperature": temperature, "top_p": top_p}
     if stop:  # checked on the decoded text: works with any tokenizer (transformers' stop_strings does not)
@@ -88,7 +88,7 @@ def _encode(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Te
         tokenizer.padding_side = side
 
 
-def _ends(model: nn.Module, tokenizer) -> list[int]:
+def end_tokens(model: nn.Module, tokenizer) -> list[int]:
     """The model's end tokens and the tokenizer's: a chat template ends each turn with the latter."""
     ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)

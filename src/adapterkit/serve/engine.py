@@ -45,6 +45,7 @@ from torch import nn
 from adapterkit.core import adapters
 from adapterkit.core import state as st
 from adapterkit.core.composition import PerRow, Stack
+from adapterkit.core.generation import end_tokens
 from adapterkit.errors import AdapterError
 from adapterkit.serve.attention import KV, Row, Step, check_model, engine_forward
 
@@ -243,7 +244,7 @@ class Engine:
         check_model(model, max_context)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
-        self.ends = set(_ends(model, tokenizer))
+        self.ends = set(end_tokens(model, tokenizer))
         self.device = next(model.parameters()).device
         self._slots: list[_Request | None] = [None] * max_batch
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -537,13 +538,6 @@ def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     sorted_probs = sorted_probs * keep
     token = int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return token, float(logprobs[token])
-
-
-def _ends(model: nn.Module, tokenizer) -> list[int]:
-    """The model's end tokens and the tokenizer's (a chat template ends each turn with the latter)."""
-    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
-    return [*ends, tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ends
 
 
 def _message(adapter: str | None, error: Exception) -> str:
