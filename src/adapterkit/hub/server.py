@@ -74,15 +74,15 @@ def create_app(root: str, private: bool = False, limits: Limits | None = None) -
     for router in (api, hf, pages):  # pages last: "/{owner}/{name}" would shadow "/api/adapters"
         app.include_router(router)
     app.add_middleware(SecurityHeaders)
-    app.openapi = functools.partial(_openapi, app)
+    app.openapi = functools.partial(openapi_with_bodies, app, BODIES)
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the bodies the routes read themselves."""
+def openapi_with_bodies(app: FastAPI, bodies) -> dict[str, Any]:
+    """FastAPI's schema plus ``bodies``: the pydantic models of bodies the routes read themselves (bounded)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        _, defs = models_json_schema([(m, "validation") for m in BODIES], ref_template="#/components/schemas/{model}")
+        _, defs = models_json_schema([(m, "validation") for m in bodies], ref_template="#/components/schemas/{model}")
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
         app.openapi_schema = schema
     return app.openapi_schema

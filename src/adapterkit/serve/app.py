@@ -32,11 +32,9 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
-from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -46,7 +44,7 @@ from adapterkit.core.backbone import head_parameters
 from adapterkit.errors import AdapterError, shown
 from adapterkit.hub.bodies import request_body
 from adapterkit.hub.protocol import parse_json, reason
-from adapterkit.hub.server import SecurityHeaders
+from adapterkit.hub.server import SecurityHeaders, openapi_with_bodies
 from adapterkit.serve.engine import Chunk, QueueFull, Sampling
 from adapterkit.serve.registry import AdapterUnavailable, Direct, Loaded, Registry
 from adapterkit.serve.schemas import BODIES, Chat, Classify, Completion, Embeddings, NewAdapter, Sampled
@@ -127,7 +125,7 @@ def create_app(
         app.add_api_route(*route[:2], methods=[route[2]], **route[3])
     app.add_middleware(SecurityHeaders)
     app.add_middleware(Counted)
-    app.openapi = functools.partial(_openapi, app)
+    app.openapi = functools.partial(openapi_with_bodies, app, BODIES)
     return app
 
 
@@ -157,16 +155,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         s.engine.start()
     yield
     await run_in_threadpool(s.engine.stop, True)
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the bodies the routes read themselves (as the hub's server does)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        _, defs = models_json_schema([(m, "validation") for m in BODIES], ref_template="#/components/schemas/{model}")
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 # -- metrics ------------------------------------------------------------------------------------------
