@@ -216,6 +216,25 @@ def test_a_client_that_disconnects_cancels_its_generation(served):
         served.engine.delay = 0.001
 
 
+def test_a_client_that_disconnects_before_a_whole_reply_cancels_its_generation(served):
+    served.engine.delay = 0.02  # 60 words take 1.2 s: less than the 1.5 s time limit
+    try:
+        before = len(served.engine.cancels)
+        sock = raw(served, {"model": "tiny", "prompt": PROMPT, "max_tokens": 60})
+        deadline = time.monotonic() + 5
+        while not served.engine.live():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sock.close()
+        closed = time.monotonic()
+        while len(served.engine.cancels) == before and time.monotonic() < closed + 2:
+            time.sleep(0.01)
+        assert len(served.engine.cancels) == before + 1 and not served.engine.live()
+        assert time.monotonic() - closed < 0.5  # at once: not the time limit, nor the end of the 60 words
+    finally:
+        served.engine.delay = 0.001
+
+
 def test_the_time_limit_cancels_the_engine_stream(served):
     served.engine.delay = 0.1
     try:

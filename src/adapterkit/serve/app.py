@@ -26,9 +26,9 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +50,7 @@ from adapterkit.serve.registry import AdapterUnavailable, Direct, Loaded, Regist
 from adapterkit.serve.schemas import BODIES, Chat, Classify, Completion, Embeddings, NewAdapter, Sampled
 
 CAUSAL, ENCODER = "causal", "encoder"
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +381,30 @@ async def _generate(request: Request, s: State, body: Sampled, prompts: list[lis
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(reply.sse(events, len(prompts), usage), media_type="text/event-stream")
-    return await reply.whole(events, len(prompts))
+    return await _unless_gone(request, reply.whole(events, len(prompts)))
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result; cancelled (which frees its engine slots) if the client disconnects first.
+
+    A streamed reply learns of a disconnect when its next write fails; a whole one writes nothing until
+    the end, so it listens for the ASGI server's ``http.disconnect`` (sent once the body has been read)."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(400, "the client disconnected", code="client_disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _submit(s: State, source: str | None, prompts: list[list[int]], sampling: Sampling) -> list:
