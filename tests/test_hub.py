@@ -1,11 +1,10 @@
 """The adapter hub against a real server process: push/pull/load, revisions, the HF protocol with the real
-``huggingface_hub`` and ``peft``, refusals, concurrency, a SIGKILLed server, the HTML page in Chromium."""
+``huggingface_hub`` and ``peft``, refusals, concurrency, a SIGKILLed server (the HTML pages: test_hub_page.py)."""
 
 import base64
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -366,27 +365,6 @@ def test_cli_push_pull_search(hub, tmp_path, capsys, monkeypatch):
     assert "alice/cli-lora  lora" in capsys.readouterr().out
     assert cli.main(["push", str(folder), "--name", "alice/x", "--hub", hub.url]) == 2
     assert "need a token" in capsys.readouterr().err
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "Chromium is missing: scripts/setup.sh installs Debian's chromium"
-    return found
-
-
-def dom(url: str) -> str:
-    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--dump-dom", url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-
-
-def test_html_page_in_headless_chromium(hub, tmp_path):
-    client.push(saved(tmp_path, trained(), "p"), "bob/page-lora", hub.url, ["v1"], hub.tokens["bob"], license="mit")
-    listing = dom(f"{hub.url}/?q=page-lora")
-    assert 'href="/bob/page-lora"' in listing and listing.count('class="adapter"') == 1
-    assert "No adapter matches" in dom(f"{hub.url}/?q=zzz-nothing")
-    page = dom(f"{hub.url}/bob/page-lora")
-    card = client.card("bob/page-lora", hub.url)
-    assert card["revision"] in page and '<td class="method">lora</td>' in page and "mit" in page
 
 
 def test_safetensors_checker_accepts_real_files(tmp_path):

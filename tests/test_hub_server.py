@@ -26,12 +26,13 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from safetensors.numpy import save
 from schemathesis import GenerationMode
-from test_hub import started
 
 from adapterkit.apps import cli
 from adapterkit.hub import protocol
-from adapterkit.hub.safety import HubError, check_content, check_name, check_path, check_ref, check_tag
+from adapterkit.hub.safety import CARD_FILES, HubError, check_content, check_name, check_path, check_ref, check_tag
 from adapterkit.hub.store import Store
+
+from test_hub import started
 
 NESTED = b"[" * 100_000 + b"]" * 100_000
 
@@ -205,7 +206,7 @@ def test_pages_and_search_never_fail_whatever_the_index_holds(hub):
             assert call(hub, "GET", path)[0] == 200, path
     page = call(hub, "GET", "/alice/w-html")[2]
     assert "<script>" not in page and "&lt;script&gt;" in page and "12,345" in page
-    assert "<td>—</td>" in call(hub, "GET", "/?q=w-text")[2]
+    assert '<td data-label="method">—</td>' in call(hub, "GET", "/?q=w-text")[2]
 
 
 # -- item 9: authentication before any body is read; every body bounded -------------------------------------
@@ -456,7 +457,7 @@ def test_name_tag_path_checks_accept_only_plain_whole_strings(value):
     if accepted(check_tag, value) or accepted(check_ref, value):
         assert plain(value) and "/" not in value
     if accepted(check_path, value):
-        assert plain(value) and value.endswith((".json", ".safetensors"))
+        assert plain(value) and (value.endswith((".json", ".safetensors")) or value in CARD_FILES)
 
 
 def test_uploads_that_no_disk_can_hold_or_no_strict_reader_can_read_are_refused(hub):
@@ -479,3 +480,31 @@ def test_search_finds_text_outside_ascii(hub):
     assert upload(hub, "alice/accents", {"a.json": b"{}"}, {"task": "résumé-tags"})[0] == 200
     code, _, found = call(hub, "GET", "/api/adapters?q=r%C3%A9sum%C3%A9")
     assert code == 200 and [c["name"] for c in found] == ["alice/accents"]
+
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(17)  # a signature and the start of a header chunk
+
+
+def test_model_cards_and_training_curves_are_checked(hub):
+    """README.md must be UTF-8 and training.png a PNG, each under its cap, and only at the top level."""
+    card = "# Ünïcode card\n".encode()
+    cases = [
+        ({"README.md": "café".encode("latin-1")}, 415, "not UTF-8"),
+        ({"README.md": b"\xed\xa0\x80 a surrogate"}, 415, "not UTF-8"),
+        ({"README.md": b"#" * (CARD_FILES["README.md"] + 1)}, 415, "over the 256 KiB limit of README.md"),
+        ({"training.png": b"PK\x03\x04" + bytes(40)}, 415, "it looks like a zip archive"),
+        ({"training.png": b"\x89PNG\r\n\x1a\n" + b"<html><script>"}, 415, "not a PNG image"),
+        ({"training.png": PNG + bytes(CARD_FILES["training.png"])}, 415, "over the 2048 KiB limit of training.png"),
+        ({"docs/README.md": card}, 415, "only .safetensors and .json"),
+        ({"curve.png": PNG}, 415, "only .safetensors and .json"),
+        ({"readme.md": card}, 415, "only .safetensors and .json"),
+    ]
+    for files, status, match in cases:
+        refused(upload(hub, "alice/cards", {**files, "a.json": b"{}"}), status, match, str(list(files))[:40])
+    code, _, stored = upload(hub, "alice/cards", {"README.md": card, "training.png": PNG, "a.json": b"{}"})
+    assert code == 200 and stored["files"] == {"README.md": len(card), "training.png": len(PNG), "a.json": 2}
+    for path, media in (("README.md", "text/markdown; charset=utf-8"), ("training.png", "image/png")):
+        code, headers, _ = call(hub, "GET", f"/alice/cards/resolve/main/{path}")
+        assert code == 200 and headers["content-type"] == media and headers["X-Content-Type-Options"] == "nosniff"
+    code, _, page = call(hub, "GET", "/alice/cards")
+    assert code == 200 and "<h3>Ünïcode card</h3>" in page and '<img src="/alice/cards/resolve/' in page

@@ -43,7 +43,7 @@ from adapterkit.hub.protocol import (
     reason,
     revision_id,
 )
-from adapterkit.hub.safety import HubError, check_name, check_path, check_ref
+from adapterkit.hub.safety import CARD_FILES, HubError, check_name, check_path, check_ref
 from adapterkit.runs import adapter_folder, is_run
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
@@ -164,13 +164,17 @@ def push(
     license: str = "unknown",
     task: str | None = None,
 ) -> dict[str, Any]:
-    """Upload an adapter folder (or an ``adapterkit train`` output) as a new revision of ``name``."""
-    folder = adapter_folder(folder)  # a train output's metrics ride along in the card
+    """Upload an adapter folder (or an ``adapterkit train`` output) as a new revision of ``name``.
+
+    A train output's ``README.md`` (its model card) and ``training.png`` go along: the hub's page shows them."""
+    run, folder = Path(folder), adapter_folder(folder)  # a train output's metrics ride along in the card
     if not folder.is_dir():
         raise AdapterError(f"{folder} is not a folder")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    skipped = [p for p in files if not p.endswith(SHARED)]
-    files = {p: f for p, f in files.items() if p.endswith(SHARED)}
+    if run != folder:  # a train output: its model card and training curve sit beside the adapter
+        files |= {name: run / name for name in CARD_FILES if (run / name).is_file() and name not in files}
+    skipped = [p for p in files if not shared(p)]
+    files = {p: f for p, f in files.items() if shared(p)}
     for file in files.values():
         if file.is_symlink():
             raise AdapterError(f"{file} is a symbolic link; the hub takes plain files only")
@@ -181,6 +185,11 @@ def push(
     }
     card = call("POST", f"{hub_url(hub)}/api/adapters/{name}", token, Stored, payload)
     return {**card.model_dump(mode="json"), "skipped": skipped}
+
+
+def shared(path: str) -> bool:
+    """Whether push sends ``path`` (relative to the folder): what the hub takes (:mod:`.safety`)."""
+    return path.endswith(SHARED) or path in CARD_FILES
 
 
 def make_card(folder: Path, license: str = "unknown", task: str | None = None) -> dict[str, Any]:

@@ -93,6 +93,23 @@ def revision_id(card: Card, manifest: dict[str, Entry]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def fingerprint_digest(fingerprint: Any) -> str | None:
+    """A short name for a base model's fingerprint (:class:`Sample` per parameter), the same wherever it
+    is computed (a model card, the hub's page): sha256 of its canonical JSON, samples as floats; None when
+    ``fingerprint`` is not one."""
+    if not isinstance(fingerprint, dict) or not fingerprint:
+        return None
+    try:
+        canonical = {
+            str(name): {"shape": [int(n) for n in s["shape"]], "sample": [float(v) for v in s["sample"]]}
+            for name, s in fingerprint.items()
+        }
+        body = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
+        return None
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 def parse_json(data: bytes | str, what: str) -> Any:
     """Strict JSON from an untrusted peer: UTF-8 without a byte-order mark (``json.loads`` would also take
     UTF-16/32 bytes), no ``NaN``/``Infinity``; malformed or absurdly nested input raises ValueError."""

@@ -1,5 +1,5 @@
 """The hub's HTTP server (FastAPI on uvicorn): adapterkit's JSON API, the Hugging Face Hub's download
-protocol (so ``huggingface_hub`` and ``peft`` can pull), and a plain HTML page.
+protocol (so ``huggingface_hub`` and ``peft`` can pull), and HTML pages (:mod:`adapterkit.hub.page`).
 
 ``adapterkit hub serve --root DIR --host 127.0.0.1 --port 8765 [--private]``.
 Reads are public unless ``private``; uploads and deletes need a token of the adapter's owner
@@ -15,11 +15,9 @@ import base64
 import binascii
 import datetime
 import functools
-import html
-import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -30,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapterkit.hub import page as page_html
 from adapterkit.hub.bodies import (
     BODIES,
     AddFile,
@@ -48,6 +47,8 @@ from adapterkit.hub.store import Limits, Store
 
 SMALL_BODY = 64 * 2**10  # create-repo: a name and a few flags
 PREUPLOAD_BODY = 2**20  # preupload: up to 256 paths with a 512-byte sample each
+PER_PAGE = 20  # adapters on a page of the index
+MEDIA_TYPES = {"training.png": "image/png", "README.md": "text/markdown; charset=utf-8"}  # the rest: bytes
 SECURITY = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -233,7 +234,8 @@ def resolve(store: Reader, owner: str, name: str, rev: str, path: str) -> Any:
     if not store.blob(digest).is_file():  # the revision was deleted and collected since it was read
         raise HubError(404, f"{owner}/{name} has no revision {rev!r} any more", code="RevisionNotFound")
     headers |= {"ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"', "Cache-Control": "public, max-age=31536000"}
-    return FileResponse(store.blob(digest), headers=headers, media_type="application/octet-stream")
+    media_type = MEDIA_TYPES.get(path, "application/octet-stream")  # the page shows training.png as an image
+    return FileResponse(store.blob(digest), headers=headers, media_type=media_type)
 
 
 # The write side, for `HfApi(endpoint=URL).upload_folder` / `create_commit`: every file is "regular"
@@ -352,17 +354,43 @@ def _fitting(fields: dict[str, Any]) -> Card:
     return Card.model_validate(kept)
 
 
-# -- the HTML page ------------------------------------------------------------------------------------
+# -- the HTML page (rendered by adapterkit.hub.page) ---------------------------------------------------
 @pages.get("/", response_class=HTMLResponse)
-def index(store: Reader, q: str = "", method: str = "", task: str = "") -> Any:
-    cards = store.search(q, method=method, task=task)
-    return _page("adapterkit hub", _search_form(q, method, task) + _table(cards))
+def index(
+    store: Reader,
+    q: str = "",
+    method: str = "",
+    task: str = "",
+    base_model: str = "",
+    sort: Literal["newest", "name", "params"] = "newest",
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=100)] = PER_PAGE,
+) -> Any:
+    """The adapters matching the form, a page of them (one more is read to know whether a next page exists)."""
+    fields = {"method": method, "task": task, "base_model": base_model}
+    found = store.search(q, sort=sort, offset=(page - 1) * per_page, limit=per_page + 1, **fields)
+    query = {k: v for k, v in {"q": q, **fields}.items() if v} | {"sort": sort}
+    if per_page != PER_PAGE:
+        query["per_page"] = str(per_page)
+    return page_html.index_page(found[:per_page], query, page, len(found) > per_page)
 
 
 @pages.get("/{owner}/{name}", response_class=HTMLResponse)
-def card_page(store: Reader, owner: str, name: str) -> Any:
-    card, _ = store.revision(f"{owner}/{name}")
-    return _page(f"{owner}/{name}", _card_html(f"{owner}/{name}", card))
+def card_page(request: Request, store: Reader, owner: str, name: str, rev: str = "latest") -> Any:
+    repo = f"{owner}/{name}"
+    card, manifest = store.revision(repo, rev)
+    hub = str(request.base_url).rstrip("/")
+    return page_html.adapter_page(repo, card, store.revisions(repo), _readme(store, manifest), hub, rev)
+
+
+def _readme(store: Store, manifest: dict[str, dict]) -> str | None:
+    """The revision's model card text, if it has one (checked UTF-8 on upload)."""
+    if "README.md" not in manifest:
+        return None
+    try:
+        return store.blob(manifest["README.md"]["sha256"]).read_bytes().decode("utf-8", "replace")
+    except (FileNotFoundError, KeyError, TypeError):  # collected since it was read, or an odd index row
+        return None
 
 
 def _token(request: Request) -> str | None:
@@ -417,52 +445,6 @@ SUMMARY = ("name", "revision", "method", "task", "base_model", "model_type", "pa
 
 def _summary(card: dict[str, Any]) -> dict[str, Any]:
     return {k: card.get(k) for k in SUMMARY}
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.3em .8em;text-align:left}"
-        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style></head>"
-        f'<body><h1><a href="/">adapterkit hub</a></h1>{body}</body></html>'
-    )
-
-
-def _search_form(q: str, method: str, task: str) -> str:
-    field = '<input name="{0}" id="{0}" value="{1}" placeholder="{0}">'
-    inputs = "".join(field.format(k, html.escape(v)) for k, v in (("q", q), ("method", method), ("task", task)))
-    return f'<form method="get" action="/" id="search">{inputs}<button type="submit">Search</button></form>'
-
-
-def _table(cards: list[dict[str, Any]]) -> str:
-    if not cards:
-        return '<p id="empty">No adapter matches.</p>'
-    head = "<tr><th>adapter</th><th>method</th><th>task</th><th>base model</th><th>params</th></tr>"
-    rows = "".join(
-        f'<tr class="adapter"><td><a href="/{html.escape(c["name"])}">{html.escape(c["name"])}</a></td>'
-        f"<td>{_cell(c.get('method'))}</td><td>{_cell(c.get('task'))}</td>"
-        f"<td>{_cell(c.get('base_model'))}</td><td>{_cell(c.get('params'))}</td></tr>"
-        for c in cards
-    )
-    return f'<table id="adapters">{head}{rows}</table>'
-
-
-def _card_html(repo: str, card: dict[str, Any]) -> str:
-    shown = ("revision", "tags", "method", "task", "base_model", "model_type", "params", "license", "metrics")
-    rows = [(k, _cell(card.get(k))) for k in shown] + [("created", html.escape(_iso(card.get("created"))))]
-    rows += [(f"file {p}", _cell(size) + " bytes") for p, size in card["files"].items()]
-    cell = '<tr><th>{0}</th><td class="{1}">{2}</td></tr>'
-    cells = "".join(cell.format(html.escape(k), html.escape(k.split()[0]), v) for k, v in rows)
-    return f'<h2 id="name">{html.escape(repo)}</h2><table id="card">{cells}</table>'
-
-
-def _cell(value: Any) -> str:
-    """Any card value as escaped HTML: "—" when missing, counts with thousands separators."""
-    if value is None or value == "" or value == [] or value == {}:
-        return "—"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return html.escape(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
 
 
 def serve(root: str, host: str = "127.0.0.1", port: int = 8765, private: bool = False, limits: Limits | None = None):

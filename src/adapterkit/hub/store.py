@@ -53,6 +53,12 @@ INSERT INTO files SELECT r.repo, r.id, m.key, json_extract(m.value, '$.sha256')
     FROM revisions r, json_each(r.manifest) m;
 PRAGMA user_version = 1;
 """
+# Sort keys of search results; an index row may hold anything (an older hub's, or one written by hand).
+SORTS = {
+    "name": lambda card: card["name"],
+    "newest": lambda card: -_number(card.get("created")),
+    "params": lambda card: -_number(card.get("params")),
+}
 ABANDONED = 3600.0  # seconds after which a push's pending blobs, or a stray temporary file, are garbage
 
 
@@ -210,8 +216,30 @@ class Store:
             rows = db.execute("SELECT id FROM revisions WHERE repo=? ORDER BY created, rowid", (repo,)).fetchall()
         return [revision for (revision,) in rows]
 
-    def search(self, text: str = "", **fields: str) -> list[dict[str, Any]]:
-        """The latest card of each adapter whose card matches ``text`` (anywhere) and every given field."""
+    def revisions(self, repo: str) -> list[dict[str, Any]]:
+        """``repo``'s revisions, newest first: id, ``created``, ``tags``, ``files`` (path -> size) and what
+        changed since the revision before it (``added``, ``removed``, ``changed`` paths)."""
+        check_name(repo)
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT id, created, manifest FROM revisions WHERE repo=? ORDER BY created, rowid", (repo,)
+            ).fetchall()
+            tags = db.execute("SELECT revision, tag FROM tags WHERE repo=? ORDER BY tag", (repo,)).fetchall()
+        out, before = [], {}
+        for revision, created, raw in rows:
+            manifest = _manifest(raw)
+            named = [tag for rev, tag in tags if rev == revision]
+            out.append({"revision": revision, "created": created, "tags": named, **_changes(before, manifest)})
+            out[-1]["files"], before = {p: m.get("size") for p, m in manifest.items()}, manifest
+        return out[::-1]
+
+    def search(
+        self, text: str = "", *, sort: str = "name", offset: int = 0, limit: int | None = None, **fields: str
+    ) -> list[dict[str, Any]]:
+        """The latest card of each adapter whose card matches ``text`` (anywhere) and every given field,
+        ordered by ``sort`` (``name``, ``newest`` or ``params``, most first), from ``offset``, at most ``limit``."""
+        if sort not in SORTS:
+            raise HubError(400, f"bad sort {sort!r}: choose one of {', '.join(SORTS)}")
         with self._db() as db:
             rows = db.execute(
                 "SELECT r.repo, r.id, r.created, r.card FROM tags t JOIN revisions r ON r.repo=t.repo AND "
@@ -224,7 +252,8 @@ class Store:
                 continue
             if all(str(card.get(key, "")).lower() == value.lower() for key, value in fields.items() if value):
                 found.append(card)
-        return found
+        found.sort(key=SORTS[sort])  # stable: ties stay in name order
+        return found[max(offset, 0) :][:limit]
 
     def delete(self, repo: str) -> int:
         """Remove ``repo``'s revisions and tags, then the files no other revision uses."""
@@ -312,3 +341,24 @@ def _card(raw: Any) -> dict[str, Any]:
     except (TypeError, ValueError, RecursionError):
         return {}
     return card if isinstance(card, dict) else {}
+
+
+def _number(value: Any) -> float:
+    """A card's number for sorting; anything else sorts last."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    return float(value) if ok else float("-inf")
+
+
+def _manifest(raw: Any) -> dict[str, dict]:
+    """A stored manifest (path -> sha256, size) as a dict of dicts, whatever the index holds."""
+    manifest = _card(raw)
+    return {p: m for p, m in manifest.items() if isinstance(m, dict)}
+
+
+def _changes(before: dict[str, dict], after: dict[str, dict]) -> dict[str, list[str]]:
+    """The paths a revision added, removed and changed (another sha256) relative to the one before it."""
+    return {
+        "added": sorted(after.keys() - before.keys()),
+        "removed": sorted(before.keys() - after.keys()),
+        "changed": sorted(p for p in after.keys() & before.keys() if after[p].get("sha256") != before[p].get("sha256")),
+    }
