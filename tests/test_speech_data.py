@@ -7,11 +7,23 @@ from adapterkit.apps import speech_data as data
 from adapterkit.errors import AdapterError
 
 
-def test_held_out_speakers_are_disjoint():
+def test_training_validation_and_test_speakers_are_disjoint():
     split = data.speakers(seed=0)
-    assert len(split["train"]) == 54 and len(split["test"]) == 18
-    assert not {s.name for s in split["train"]} & {s.name for s in split["test"]}
+    assert {k: len(v) for k, v in split.items()} == {"train": 101, "validation": 33, "test": 34}
+    names = [{s.name for s in people} for people in split.values()]
+    assert len(set.union(*names)) == 168 == sum(map(len, names))
     assert data.speakers(seed=1)["test"] != split["test"]
+
+
+def test_asr_test_sentences_are_new_but_their_names_are_not():
+    heard = {t for t, *_ in data.items("asr", "train")}
+    for split in data.SPLITS:
+        chosen = data.items("asr", split)
+        assert {style for _, _, style, _ in chosen} == {"fast"} and all(t == label for t, _, _, label in chosen)
+        assert {name for name in data.NAMES if any(name in t.split() for t, *_ in chosen)} == set(data.NAMES)
+        assert len(chosen) == 6 * len(data.speakers()[split])
+        assert split == "train" or not heard & {t for t, *_ in chosen}
+    assert sum(map(len, data.commands().values())) == 570
 
 
 def test_synthesis_is_deterministic_and_noise_has_the_asked_snr():

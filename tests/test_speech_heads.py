@@ -61,7 +61,8 @@ def test_am_softmax_logits_and_statistics_pooling():
     head = speech.SpeakerHead(8, speakers=4, dim=6, margin=0.2, scale=30.0)
     h, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
     emb = head(h, mask)
-    stats = torch.cat([h.mean(1), h.var(1, unbiased=False).sqrt()], -1)
+    frames = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    stats = torch.cat([frames.mean(1), frames.var(1, unbiased=False).sqrt()], -1)
     torch.testing.assert_close(emb, head.embedding(stats))
     labels = torch.tensor([0, 2, 3])
     cosine = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(head.classes, dim=-1).T

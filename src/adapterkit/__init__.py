@@ -23,7 +23,7 @@ _WHERE = {  # public name -> the module that defines it
         "Summary active_adapters active_setup add_adapter bake_adapter delete_adapter disable_adapters "
         "list_adapters merge_adapter set_active summary train_adapter unmerge_adapter use"
     ),
-    "adapterkit.core.arch": "ARCHITECTURES ArchSpec register_architecture",
+    "adapterkit.core.arch": "ARCHITECTURES ArchSpec WHISPER_SEQ2SEQ register_architecture",
     "adapterkit.core.composition": "Average BatchSplit Fuse Parallel PerRow Split Stack",
     "adapterkit.core.fusion": (
         "FusionConfig add_fusion delete_fusion fusion_regularization load_fusion save_fusion train_fusion"

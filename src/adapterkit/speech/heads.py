@@ -92,7 +92,8 @@ class UtteranceHead(nn.Module):
 
 
 class SpeakerHead(nn.Module):
-    """Statistics pooling (mean, std) + Linear: a speaker embedding, trained with additive-margin softmax.
+    """Frame LayerNorm, statistics pooling (mean, std) + Linear: a speaker embedding, trained with
+    additive-margin softmax.
 
     AM-softmax (Wang et al. 2018): ``logits = scale * (cos(e, w_k) - margin * [k = y])``.
     """
@@ -105,6 +106,9 @@ class SpeakerHead(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, T, H), (B, T) -> (B, dim)`` embeddings."""
+        # Frames are normalised first: an L-adapter's mix of un-normalised layers has a few huge
+        # dimensions that would otherwise dominate the statistics (Whisper tiny, speakers: EER 43% -> 31%).
+        h = F.layer_norm(h, h.shape[-1:])
         mean = masked_mean(h, mask)
         var = masked_mean((h - mean.unsqueeze(1)) ** 2, mask)
         return self.embedding(torch.cat([mean, var.clamp(min=1e-6).sqrt()], dim=-1))

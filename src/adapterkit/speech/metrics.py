@@ -58,3 +58,15 @@ def min_dcf(
     miss, false_alarm = _rates(scores, targets)
     cost = c_miss * p_target * miss + c_fa * (1 - p_target) * false_alarm
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
+
+
+def eer_interval(
+    scores: torch.Tensor, targets: torch.Tensor, level: float = 0.95, rounds: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """A bootstrap interval of the EER: trials resampled with replacement ``rounds`` times, the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled EERs (percentile method)."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(scores), (rounds, len(scores)), generator=generator)
+    values = torch.tensor([eer(scores[pick], targets[pick]) for pick in picks])
+    low, high = torch.quantile(values.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double))
+    return float(low), float(high)
