@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import torch
-import transformers as T
 
 import adapterkit as ak
 from adapterkit.training.answers import (
@@ -18,7 +16,7 @@ from adapterkit.training.answers import (
     normalise,
 )
 
-from test_chat import WORDS, tokenizer
+from test_chat import chat_llama, tokenizer
 
 
 @pytest.mark.parametrize(
@@ -81,10 +79,7 @@ def test_json_match_rows_and_fields():
 
 @pytest.fixture
 def llama():
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0)  # fmt: skip
-    return T.LlamaForCausalLM(config).eval(), tokenizer()
+    return chat_llama(), tokenizer()
 
 
 def test_a_conversation_prompt_equals_its_string(llama):

@@ -50,6 +50,14 @@ def tokenizer() -> T.PreTrainedTokenizerFast:
     return tok
 
 
+def chat_llama(**overrides) -> T.LlamaForCausalLM:
+    """A tiny random Llama (seed 0, eval mode) over :data:`WORDS`; ``overrides`` change its config."""
+    torch.manual_seed(0)
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0)  # fmt: skip
+    return T.LlamaForCausalLM(T.LlamaConfig(**{**settings, **overrides})).eval()
+
+
 def conversation(a: str, b: str, system: bool = False) -> list[dict]:
     turns = [{"role": "system", "content": "what is"}] if system else []
     return [
@@ -62,10 +70,7 @@ def conversation(a: str, b: str, system: bool = False) -> list[dict]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chat")
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0)  # fmt: skip
-    T.LlamaForCausalLM(config).save_pretrained(root / "llama")
+    chat_llama().save_pretrained(root / "llama")
     tokenizer().save_pretrained(root / "llama")
     rows = [{"messages": conversation(a, b, system=i % 3 == 0)} for i, (a, b) in enumerate(list(SUMS) * 8)]
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,23 +1,18 @@
 """ak.generate: left-padded batches, greedy and seeded sampling, stop strings, an adapter per prompt."""
 
 import pytest
-import torch
-import transformers as T
 
 import adapterkit as ak
 
 from conftest import randomize_adapters
-from test_chat import WORDS, tokenizer
+from test_chat import chat_llama, tokenizer
 
 PROMPTS = ["what is two plus two ?", "what is three ?"]
 
 
 @pytest.fixture
 def llama():
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0)  # fmt: skip
-    return T.LlamaForCausalLM(config).eval(), tokenizer()
+    return chat_llama(), tokenizer()
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(llama):

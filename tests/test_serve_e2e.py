@@ -16,7 +16,7 @@ import adapterkit as ak
 from adapterkit.serve.app import Options, build
 
 from serve_fakes import Running
-from test_chat import WORDS, tokenizer
+from test_chat import chat_llama, tokenizer
 
 QUESTIONS = ["what is two plus two ?", "what is three plus two ?", "what is four ?", "two plus three plus four ?"]
 
@@ -25,10 +25,7 @@ QUESTIONS = ["what is two plus two ?", "what is three plus two ?", "what is four
 def folder(tmp_path_factory):
     """A tiny Llama with a word-level chat tokenizer, and 8 LoRA adapters with random weights."""
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0, eos_token_id=3)  # fmt: skip
-    model = T.LlamaForCausalLM(config)
+    model = chat_llama(eos_token_id=3)
     model.save_pretrained(root / "llama")
     tokenizer().save_pretrained(root / "llama")
     for i in range(8):

@@ -15,7 +15,7 @@ from adapterkit.core.state import adapter_modules
 from adapterkit.serve.engine import Engine, QueueFull, Sampling, TextDeltas
 
 from conftest import randomize_adapters
-from test_chat import WORDS, tokenizer
+from test_chat import WORDS, chat_llama, tokenizer
 
 KINDS = {  # adapter name -> method (and options): every family, two LoRA ranks
     "lora": ("lora", {"r": 4}),
@@ -37,10 +37,7 @@ def prompts(n: int, seed: int = 3) -> list[list[int]]:
 @pytest.fixture
 def llama():
     """A tiny Llama over the chat words with every adapter family; no end token, so lengths are known."""
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=37, vocab_size=len(WORDS), pad_token_id=0, eos_token_id=None)  # fmt: skip
-    model = T.LlamaForCausalLM(config).eval()
+    model = chat_llama(eos_token_id=None)
     for name, (method, options) in KINDS.items():
         ak.add_adapter(model, name, method, **options)
     randomize_adapters(model, std=1.0)
