@@ -508,3 +508,14 @@ def test_model_cards_and_training_curves_are_checked(hub):
         assert code == 200 and headers["content-type"] == media and headers["X-Content-Type-Options"] == "nosniff"
     code, _, page = call(hub, "GET", "/alice/cards")
     assert code == 200 and "<h3>Ünïcode card</h3>" in page and '<img src="/alice/cards/resolve/' in page
+
+
+def test_the_pages_refuse_bad_queries_with_json(hub):
+    """Hostile query strings on the HTML routes: a 4xx with a JSON reason, never a 500 or a page."""
+    for path in ("/?sort=random", "/?page=0", "/?page=-3", "/?per_page=1000", "/?page=x", "/?per_page=1e9"):
+        refused(call(hub, "GET", path), (400, 422), what=path)
+    upload(hub, "alice/paged", {"a.json": b"{}"})
+    for rev in ("../../etc", "zz", "%00"):
+        refused(call(hub, "GET", f"/alice/paged?rev={rev}"), (400, 404, 422), what=rev)
+    code, _, page = call(hub, "GET", "/alice/paged?rev=latest")
+    assert code == 200 and "alice/paged" in page
