@@ -39,9 +39,9 @@ class FakeStream:
             seen += len(text)
         return [Chunk(t) for t in out], "stop" if cuts else "length"
 
-    def _final(self, reason: str, count: int, error: str | None = None) -> Chunk:
+    def _final(self, reason: str, count: int, error: str | None = None, code: str | None = None) -> Chunk:
         self.done = True
-        return Chunk("", reason, len(self.ids), count, error)
+        return Chunk("", reason, len(self.ids), count, error, code)
 
     async def _events(self):
         chunks, reason = self.pieces()
@@ -51,7 +51,7 @@ class FakeStream:
                 yield self._final("cancelled", count)
                 return
             if self.adapter in self.engine.failing and count == 1:
-                yield self._final("error", count, "the adapter raised RuntimeError")
+                yield self._final("error", count, "adapter 'a' failed: RuntimeError", "adapter_failed")
                 return
             yield chunk
         yield self._final(reason, len(chunks))
@@ -63,9 +63,10 @@ class FakeStream:
         raise NotImplementedError("the HTTP layer iterates with async for")
 
     def cancel(self) -> None:
-        if not self.done:
+        done = self.done
+        self.cancelled.set()  # first, so that whoever sees the cancel counted sees the stream stopped
+        if not done:
             self.engine.cancels.append(self)
-        self.cancelled.set()
 
 
 class FakeEngine:

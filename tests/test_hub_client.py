@@ -252,7 +252,13 @@ def fuzz_hub():
     server.close()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(card=JSON, tree=JSON, field=st.sampled_from(list(Card.model_fields)), value=JSON)
 def test_any_hub_answer_is_refused_cleanly_or_verified(fuzz_hub, tmp_path, monkeypatch, card, tree, field, value):
     """Whatever the card and tree answers hold, a pull either yields exactly verified files inside the
@@ -274,7 +280,7 @@ def test_any_hub_answer_is_refused_cleanly_or_verified(fuzz_hub, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("c")) == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
 @given(st.text(max_size=80) | st.from_regex(r"(hub:)?[a-z.]{1,6}/[a-z.\n]{1,6}(@[a-z0-9.\n]{0,8})?", fullmatch=True))
 def test_a_parsed_reference_is_always_a_safe_cache_path(ref):
     """Anything ``parse_ref`` accepts names plain folders: one owner, one name, one revision segment."""

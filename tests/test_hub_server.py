@@ -288,8 +288,12 @@ def test_collection_under_concurrent_pushes_keeps_every_revision_whole(hub):
     token, errors, deleted, stop = hub.tokens["alice"], [], [], threading.Event()
     common = b'{"common": 1}'
 
+    enough = threading.Event()  # the second half of the pushes runs while deletes are known to happen
+
     def pusher(i: int) -> None:
         for j in range(12):
+            if j == 6:
+                enough.wait(60)
             files = {"common.json": common, "own.json": json.dumps([i, j, time.time()]).encode()}
             status, _, body = upload(hub, f"alice/churn-{i}-{j % 2}", files, token=token)
             if status != 200:
@@ -303,6 +307,8 @@ def test_collection_under_concurrent_pushes_keeps_every_revision_whole(hub):
             if status not in (200, 404):
                 errors.append(("delete", status))
             deleted.append(status == 200)
+            if sum(deleted) >= 5:
+                enough.set()
             store.collect()
 
     threads = [threading.Thread(target=pusher, args=(i,)) for i in range(8)]

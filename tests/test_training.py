@@ -207,8 +207,11 @@ def uninterrupted(work, tmp_path_factory):
     return out
 
 
+KILL_RNG = random.Random(0)  # a seeded kill point: a failure it finds can be replayed
+
+
 @pytest.mark.parametrize(
-    "ready", [at_step(1), at_step(37), lambda out: (out / "checkpoints").exists() and random.random() < 0.02]
+    "ready", [at_step(1), at_step(37), lambda out: (out / "checkpoints").exists() and KILL_RNG.random() < 0.02]
 )
 def test_resume_after_sigkill_is_bit_identical(work, tmp_path, uninterrupted, ready):
     out = tmp_path / "killed"

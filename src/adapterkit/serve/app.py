@@ -548,6 +548,8 @@ def _failure(chunk: Chunk) -> Failure:
     """A request the engine ended with an error, or that ran out of time."""
     if chunk.finish_reason == "timeout":
         return Failure(504, "the request ran past the server's time limit and was cancelled", "timeout", code="timeout")
+    if chunk.code == "adapter_failed":  # the adapter the request chose is broken: a 4xx, as a failed load is
+        return Failure(400, chunk.error or "the adapter failed", "invalid_request_error", code="adapter_failed")
     return Failure(500, chunk.error or "the generation failed", "server_error", code="engine_error")
 
 

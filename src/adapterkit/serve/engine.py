@@ -79,13 +79,15 @@ class Sampling:
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """One event of a running request: new completion text; the last one has a ``finish_reason``
-    (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``, then with ``error`` set)."""
+    (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``, then with ``error`` set, and ``code``
+    ``"adapter_failed"`` where the request's own adapter raised: the request's fault, not the server's)."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    code: str | None = None
 
 
 class QueueFull(AdapterError):
@@ -410,7 +412,7 @@ class Engine:
         try:
             logits = self._forward([Row(request.kv, request.adapter)], ids, positions)
         except Exception as e:  # the request's own adapter (or prompt) failed: only it ends
-            self._finish(slot, request, "error", _message(request.adapter, e))
+            self._finish(slot, request, "error", *_failure(request.adapter, e))
             return
         self._stats["prefills"] += 1
         self._stats["prompt_tokens"] += len(request.prompt)
@@ -448,7 +450,7 @@ class Engine:
                 out = self._forward(alone, ids, positions)
             except Exception as e:
                 for i in members:
-                    self._finish(i, self._slots[i], "error", _message(adapter, e))
+                    self._finish(i, self._slots[i], "error", *_failure(adapter, e))
                 continue
             for i in members:
                 logits[i] = out[i]
@@ -481,7 +483,7 @@ class Engine:
             self._stats["tokens_generated"] += 1
             reason, text = self._progress(request, token)
         except Exception as e:  # e.g. the tokenizer cannot decode what the model chose
-            self._finish(slot, request, "error", _message(None, e))
+            self._finish(slot, request, "error", *_failure(None, e))
             return
         if reason is None:
             if text:
@@ -506,15 +508,17 @@ class Engine:
     def _chunk(self, request: _Request, text: str, reason: str | None = None, error: str | None = None) -> Chunk:
         return Chunk(text, reason, len(request.prompt), len(request.stream.tokens), error)
 
-    def _finish(self, slot: int, request: _Request, reason: str, error: str | None = None, text: str = "") -> None:
+    def _finish(
+        self, slot: int, request: _Request, reason: str, error: str | None = None, code: str | None = None, text=""
+    ) -> None:
         """End a running request: free its slot and cache, send its last chunk."""
         self._slots[slot] = None
         request.kv = None
-        self._end(request, reason, error, text)
+        self._end(request, reason, error, code, text)
 
-    def _end(self, request: _Request, reason: str, error: str | None = None, text: str = "") -> None:
+    def _end(self, request: _Request, reason: str, error: str | None = None, code: str | None = None, text="") -> None:
         self._stats[f"requests_{reason}"] += 1
-        request.stream.put(self._chunk(request, text, reason, error))
+        request.stream.put(dataclasses.replace(self._chunk(request, text, reason, error), code=code))
 
 
 def _run_call(fn: Callable, model: nn.Module, future: concurrent.futures.Future) -> None:
@@ -540,8 +544,9 @@ def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     return token, float(logprobs[token])
 
 
-def _message(adapter: str | None, error: Exception) -> str:
-    """What the client is told about a failure in its request."""
+def _failure(adapter: str | None, error: Exception) -> tuple[str, str | None]:
+    """What the client is told about a failure in its request, and its code: ``"adapter_failed"`` where
+    the request's adapter raised (a fault of the adapter it chose), None where the base model did."""
     where = f"adapter {adapter!r} failed" if adapter else "the request failed"
     text = str(error) if isinstance(error, AdapterError) else f"{type(error).__name__}: {error}"
-    return f"{where}: {text[:ERROR_TEXT]}"
+    return f"{where}: {text[:ERROR_TEXT]}", "adapter_failed" if adapter else None

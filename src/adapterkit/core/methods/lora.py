@@ -94,10 +94,11 @@ class LoRA(_Additive):
         adapter for "none"), gathered per row: two batched matmuls in all."""
         if not modules[0]._batchable():  # DoRA, gated: each on its own rows
             return loop_rows(host, x, out, modules, index)
-        rank = max(m.lora_A.shape[0] for m in modules)
-        a = [F.pad(m.lora_A, (0, 0, 0, rank - m.lora_A.shape[0])) for m in modules]
-        b = [F.pad(m.lora_B * m.scaling, (0, rank - m.lora_B.shape[1])) for m in modules]
-        a, b = gather_rows(a, index), gather_rows(b, index)  # (B, rank, in), (B, out, rank)
+        # one rank in a group (row_key): the tables stack as they are; s B per row is the same product
+        # (bit for bit) as each adapter's own s * B, without a scaled copy of every B at every call
+        a = gather_rows([m.lora_A for m in modules], index)  # (B, rank, in)
+        scale = gather_rows([m.scaling for m in modules], index).to(a.dtype)[:, None, None]
+        b = gather_rows([m.lora_B for m in modules], index) * scale  # (B, out, rank)
         x = modules[0].dropout(x.to(a.dtype))
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
         delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
