@@ -20,6 +20,22 @@ def test_imports_without_the_model_stack(module):
     assert out.strip() == "[]"
 
 
+def test_the_cli_parses_without_the_model_stack():
+    code = (
+        "import sys; from adapterkit.apps import cli; cli.parser().parse_args(['train', '--task', 'chat']); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # every command used to pay ~6 s of torch import before doing anything
+
+
+def test_the_cli_knows_every_training_task():
+    from adapterkit.runs import TASK_NAMES
+    from adapterkit.training.tasks import TASKS
+
+    assert set(TASK_NAMES) == set(TASKS)
+
+
 def test_the_public_api_loads_on_first_use():
     import adapterkit as ak
 

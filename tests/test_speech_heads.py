@@ -57,6 +57,17 @@ def test_pooling_ignores_padding():
     torch.testing.assert_close(speech.masked_mean(h, mask)[1], h[1, :3].mean(0))
 
 
+def test_utterance_head_normalises_each_frame_first():
+    torch.manual_seed(0)
+    head = speech.UtteranceHead(8, 3, "attentive")
+    h, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    frames = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    weights = torch.softmax(head.attention(frames).squeeze(-1), dim=1)
+    torch.testing.assert_close(head(h, mask), head.classifier((weights[..., None] * frames).sum(1)))
+    scaled = h * torch.tensor([1.0, 1e3])[:, None, None] + 5.0  # an un-normalised layer mix: same frames
+    torch.testing.assert_close(head(scaled, mask), head(h, mask), rtol=1e-4, atol=1e-4)
+
+
 def test_am_softmax_logits_and_statistics_pooling():
     head = speech.SpeakerHead(8, speakers=4, dim=6, margin=0.2, scale=30.0)
     h, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)

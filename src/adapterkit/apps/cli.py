@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapterkit.errors import AdapterError, shown
+from adapterkit.runs import TASK_NAMES
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -504,14 +505,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub) -> None:
-    from adapterkit.training import TASKS
-
     t = sub.add_parser("train", help="train an adapter (or --full-finetune) on local data; torchrun for DDP")
     t.add_argument("--config", help="a YAML file of these options (keys as below, '-' or '_'); options win")
     t.add_argument("--model", help="the local base model folder")
     t.add_argument("--data", help="training data: CSV, JSONL, Parquet or a save_to_disk folder")
     t.add_argument("--validation", help="validation data, evaluated each epoch; the best adapter is kept")
-    t.add_argument("--task", choices=sorted(TASKS))
+    t.add_argument("--task", choices=sorted(TASK_NAMES))
     t.add_argument("--text-column", help="input column (text; tokens for token-classification; audio for ctc)")
     t.add_argument("--label-column")
     t.add_argument("--adapter", help="a preset: pfeiffer, houlsby, lora, ia3, prefix, ... (default pfeiffer)")
@@ -617,14 +616,22 @@ def _hub_parsers(sub) -> None:
 OFFLINE = {"demo", "llm-demo", "multitask", "speech-demo", "predict"}  # their models and data are local: no hub lookups
 
 
+def quiet_transformers() -> None:
+    """transformers logs errors only: through its environment variable, read when it is first imported
+    (so that a command which never needs it, e.g. ``hub serve``, never imports it), or at once if it was."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``adapterkit`` command; process-wide settings are made here, never in the library."""
     args = parser().parse_args(argv)
     if args.command in OFFLINE:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # a new task head's "newly initialized" weights are expected here
+    quiet_transformers()  # a new task head's "newly initialized" weights are expected here
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's "exact command"
     try:
         args.func(args)

@@ -148,9 +148,11 @@ def gather_rows(
     entry filled with ``identity`` (what "no adapter of this group" means: 0 for an update, 1 for a scale),
     then row ``i`` takes entry ``index[i]`` (``len(values)``: the identity). Numbers give a tensor on
     ``index``'s device."""
+    # index_select, not table[index]: the same copy, an order of magnitude faster on CPU (16 rows of a
+    # bottleneck's weights: 51 us vs 673 us), and a serving step makes one per adapter site
     if not isinstance(values[0], torch.Tensor):
-        return torch.tensor([*values, identity], device=index.device)[index]
-    return torch.stack([*values, torch.full_like(values[0], identity)])[index]
+        return torch.tensor([*values, identity], device=index.device).index_select(0, index)
+    return torch.stack([*values, torch.full_like(values[0], identity)]).index_select(0, index)
 
 
 @dataclasses.dataclass(frozen=True, init=False)

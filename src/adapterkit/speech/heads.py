@@ -67,7 +67,8 @@ class CTCHead(nn.Module):
 
 
 class UtteranceHead(nn.Module):
-    """Utterance classes from pooled frames: ``"mean"`` or ``"attentive"`` (a learned softmax over frames)."""
+    """Frame LayerNorm, then utterance classes from pooled frames: ``"mean"`` or ``"attentive"`` (a learned
+    softmax over frames)."""
 
     def __init__(self, hidden: int, classes: int, pooling: str = "mean") -> None:
         super().__init__()
@@ -88,7 +89,9 @@ class UtteranceHead(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, T, H), (B, T) -> (B, classes)`` logits."""
-        return self.classifier(self.pool(h, mask))
+        # normalised frames, as in SpeakerHead: an L-adapter's mix of un-normalised layers has a few huge
+        # dimensions that saturate the attention's tanh and swamp the classifier
+        return self.classifier(self.pool(F.layer_norm(h, h.shape[-1:]), mask))
 
 
 class SpeakerHead(nn.Module):

@@ -20,7 +20,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -116,8 +115,8 @@ def _plain(bottleneck: Bottleneck) -> bool:
 def rows(bottlenecks: list[Bottleneck], h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``(B, T, H) -> (B, T, H)``: row ``i`` through ``bottlenecks[index[i]]``, zero for the last index.
 
-    Plain bottlenecks of one activation run together: weights zero-padded to the widest, the
-    scaling folded into Up, gathered per row, two batched matmuls. Others run on their own rows.
+    Plain bottlenecks of one activation (and one width: ``row_key``) run together: weights gathered per
+    row, the scaling folded into Up per row, two batched matmuls. Others run on their own rows.
     """
     first = bottlenecks[0]
     h32 = h.to(first.adapter_up.bias.dtype)
@@ -127,12 +126,10 @@ def rows(bottlenecks: list[Bottleneck], h: torch.Tensor, index: torch.Tensor) ->
             mine = (index == k).nonzero().squeeze(1)
             out = out.index_copy(0, mine, bottleneck(h32.index_select(0, mine)).to(out.dtype))
         return out.to(h.dtype)
-    size = max(b.adapter_down.out_features for b in bottlenecks)
-    down_w = [F.pad(b.adapter_down.weight, (0, 0, 0, size - b.adapter_down.out_features)) for b in bottlenecks]
-    down_b = [F.pad(b.adapter_down.bias, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
-    up_w = [F.pad(b.adapter_up.weight * b.scaling, (0, size - b.adapter_down.out_features)) for b in bottlenecks]
-    up_b = [b.adapter_up.bias * b.scaling for b in bottlenecks]
-    down_w, down_b, up_w, up_b = (gather_rows(t, index) for t in (down_w, down_b, up_w, up_b))
+    tables = [(b.adapter_down.weight, b.adapter_down.bias, b.adapter_up.weight, b.adapter_up.bias) for b in bottlenecks]
+    down_w, down_b, up_w, up_b = (gather_rows(list(column), index) for column in zip(*tables, strict=True))
+    scale = gather_rows([b.scaling for b in bottlenecks], index).to(up_w.dtype)  # s W per row: the bits of W * s
+    up_w, up_b = up_w * scale[:, None, None], up_b * scale[:, None]
     flat = h32.reshape(h32.shape[0], -1, h32.shape[-1])  # (B, T, H)
     mid = first.act(torch.baddbmm(down_b[:, None], flat, down_w.transpose(1, 2)))  # (B, T, size)
     out = first.dropout(torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)))
