@@ -53,3 +53,13 @@ def test_stop_strings_and_bad_options(llama):
         ak.generate(model, tok, PROMPTS, max_tokens=0)
     with pytest.raises(ak.AdapterError, match="per_prompt names 1 adapters for 2 prompts"):
         ak.generate(model, tok, PROMPTS, per_prompt=["a"])
+
+
+def test_shown_upto_holds_back_only_what_may_become_a_stop_string():
+    from adapterkit.core.generation import shown_upto
+
+    assert shown_upto("hello wor", ["world!"]) == (6, False)  # "wor" may grow into "world!"
+    assert shown_upto("hello wor", ["world!"], final=True) == (9, False)
+    assert shown_upto("a. b\nEND c", ["\n", "END"]) == (4, True)  # the first stop string ends it
+    assert shown_upto("abc", []) == (3, False)
+    assert shown_upto("xx<", ["<|end|>", "<<"]) == (2, False)

@@ -141,6 +141,8 @@ def _printer(tokenizer, stop: Sequence[str]):
     """A streamer printing the completion as it comes, up to the first stop string."""
     from transformers import TextStreamer
 
+    from adapterkit.core.generation import shown_upto
+
     class Printer(TextStreamer):
         def __init__(self) -> None:
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -148,9 +150,7 @@ def _printer(tokenizer, stop: Sequence[str]):
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             self.text += text
-            ends = [self.text.index(s) for s in stop if s in self.text]
-            # hold back what could still become a stop string
-            upto = min(ends) if ends else len(self.text) - (0 if stream_end else max(map(len, stop), default=1) - 1)
+            upto, _ = shown_upto(self.text, stop, final=stream_end)  # holds back what may become a stop string
             if upto > self.shown:
                 print(shown(self.text[self.shown : upto]), end="", flush=True)
                 self.shown = upto

@@ -107,5 +107,17 @@ def _setup(model: nn.Module, per_prompt: Sequence[str | None] | None):
 
 def _cut(text: str, stop: Sequence[str]) -> str:
     """The text before the first stop string (generate stops after it, and keeps it)."""
-    ends = [text.index(s) for s in stop if s in text]
-    return text[: min(ends)] if ends else text
+    return text[: shown_upto(text, stop, final=True)[0]]
+
+
+def shown_upto(text: str, stops: Sequence[str], final: bool = False) -> tuple[int, bool]:
+    """How much of a growing completion ``text`` may be shown, and whether a stop string ended it: up
+    to the first stop string, else all but a tail that could still grow into one (all, once ``final``).
+    The one rule for every streamer (the CLI's printer, the server's deltas)."""
+    hits = [text.index(s) for s in stops if s in text]
+    if hits:
+        return min(hits), True
+    if final:
+        return len(text), False
+    keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return len(text) - keep, False

@@ -45,7 +45,7 @@ from torch import nn
 from adapterkit.core import adapters
 from adapterkit.core import state as st
 from adapterkit.core.composition import PerRow, Stack
-from adapterkit.core.generation import end_tokens
+from adapterkit.core.generation import end_tokens, shown_upto
 from adapterkit.errors import AdapterError
 from adapterkit.serve.attention import KV, Row, Step, check_model, engine_forward
 
@@ -202,13 +202,9 @@ class TextDeltas:
     def _push(self, delta: str) -> tuple[str, bool]:
         self.decoded += delta
         self.held += delta
-        hits = [self.held.index(s) for s in self.stops if s in self.held]
-        if hits:
-            emit, self.held = self.held[: min(hits)], ""
-            return emit, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        emit, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return emit, False
+        upto, stopped = shown_upto(self.held, self.stops)
+        emit, self.held = self.held[:upto], "" if stopped else self.held[upto:]
+        return emit, stopped
 
 
 @dataclasses.dataclass(eq=False)
