@@ -11,14 +11,18 @@ IA3, Pfeiffer and Houlsby. Every adapter is loaded by one warm-up request first 
 Throughput: completion tokens (from ``usage``) over the wall time of the whole load. The baseline serves
 the same 64-adapter load one request at a time (``--max-batch 1``), as a server that swaps the active
 adapter per request without per-row batching must when every request names another adapter.
-Latency: time to first streamed token (TTFT) and to the end, unloaded (one request at a time) and under
-the 64-adapter load; p50 and p99 over the requests.
+The loads alternate, ``--rounds`` times (timings drift on a shared machine): a setup's throughput is its
+tokens over its seconds summed across rounds.
+Latency: time to first streamed token (TTFT) and to the end, unloaded (one request at a time), under the
+64-adapter load above (all clients start at once: a burst), and under a steady load (requests for the 64
+adapters arriving at random, Poisson, ``--rate`` per second); p50 and p99 over the requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import socket
 import statistics
 import threading
@@ -111,6 +115,16 @@ def load(url: str, models: list[str], clients: int, per_client: int) -> tuple[fl
     return time.perf_counter() - start, results
 
 
+def steady(url: str, models: list[str], rate: float, count: int) -> list[tuple[float, float, int]]:
+    """``count`` requests arriving as a Poisson process of ``rate`` per second, each for the next model."""
+    rng, pending = random.Random(0), []
+    with ThreadPoolExecutor(count) as pool:
+        for k in range(count):
+            pending.append(pool.submit(request, url, models[k % len(models)]))
+            time.sleep(rng.expovariate(rate))
+        return [f.result() for f in pending]
+
+
 def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, round(q * (len(values) - 1)))]
 
@@ -119,6 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=2, help="per client")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rate", type=float, default=2.0, help="steady load: requests per second")
     p.add_argument("--output")
     args = p.parse_args()
     import tempfile
@@ -136,37 +152,43 @@ def main() -> None:
         "64 distinct LoRAs": loras,
         "mix: LoRA, IA3, Pfeiffer, Houlsby": ["lora0", "ia3", "pfeiffer", "houlsby"],
     }
-    rows, latency = {}, {}
+    serial = "64 distinct LoRAs, one request at a time (max_batch 1)"
+    rows: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sources = adapters(model_dir, Path(tmp))
-        for max_batch, label in [(args.clients, "batched"), (1, "one at a time")]:
-            server = Server(model_dir, sources, max_batch)
-            try:
+        servers = {"batched": Server(model_dir, sources, args.clients), "serial": Server(model_dir, sources, 1)}
+        try:
+            for server in servers.values():
                 for name in [*sources, base]:  # warm-up: every adapter loaded once
                     request(server.url, name, tokens=1)
-                if label == "one at a time":
-                    seconds, results = load(server.url, loras, args.clients, args.requests)
-                    rows["64 distinct LoRAs, one request at a time (max_batch 1)"] = (seconds, results)
-                    continue
-                latency["unloaded"] = [request(server.url, loras[k % 64]) for k in range(8)]
-                for setup, models in setups.items():
-                    rows[setup] = load(server.url, models, args.clients, args.requests)
-                    print(setup, f"{sum(r[2] for r in rows[setup][1]) / rows[setup][0]:.1f} tok/s", flush=True)
-                latency["under load (64 LoRAs)"] = rows["64 distinct LoRAs"][1]
-            finally:
+            url = servers["batched"].url
+            latency = {"unloaded": [request(url, loras[k % 64]) for k in range(8)]}
+            for r in range(args.rounds):
+                runs = [(setup, url, models) for setup, models in setups.items()]
+                runs.append((serial, servers["serial"].url, loras))
+                for setup, where, models in runs if r % 2 == 0 else runs[::-1]:
+                    seconds, results = load(where, models, args.clients, args.requests)
+                    rows.setdefault(setup, []).append((seconds, results))
+                    print(f"round {r}: {setup} {sum(x[2] for x in results) / seconds:.1f} tok/s", flush=True)
+            latency["burst: all clients at once (64 LoRAs)"] = [x for _, res in rows["64 distinct LoRAs"] for x in res]
+            count = args.clients * args.requests
+            latency[f"steady: {args.rate:g} requests/s, Poisson (64 LoRAs)"] = steady(url, loras, args.rate, count)
+        finally:
+            for server in servers.values():
                 server.stop()
-    throughput = {k: sum(r[2] for r in results) / seconds for k, (seconds, results) in rows.items()}
+    throughput = {k: sum(x[2] for _, res in runs for x in res) / sum(t for t, _ in runs) for k, runs in rows.items()}
     bare = throughput["bare model"]
     lines = [
         f"SmolLM2-135M-Instruct, fp32, 2 threads, loopback; {args.clients} concurrent clients x {args.requests} "
-        f"streamed completions each, {TOKENS} new tokens at most, greedy; `--max-batch {args.clients}`.",
+        f"streamed completions each, {TOKENS} new tokens at most, greedy; `--max-batch {args.clients}`; "
+        f"{args.rounds} alternating rounds.",
         "",
         "| load | completion tokens/s | vs bare model |",
         "|---|---:|---:|",
         *[f"| {k} | {v:.1f} | {v / bare:.2f} |" for k, v in throughput.items()],
         "",
         f"64 distinct LoRAs batched vs one request at a time: "
-        f"**{throughput['64 distinct LoRAs'] / throughput[next(k for k in rows if 'one request' in k)]:.2f}x**.",
+        f"**{throughput['64 distinct LoRAs'] / throughput[serial]:.2f}x**.",
         "",
         "| latency | TTFT p50 | TTFT p99 | total p50 | total p99 |",
         "|---|---:|---:|---:|---:|",
@@ -176,7 +198,7 @@ def main() -> None:
             for k, v in latency.items()
         ],
         "",
-        f"Mean completion length: {statistics.mean(r[2] for r in rows['bare model'][1]):.1f} tokens (bare model).",
+        f"Mean completion length: {statistics.mean(x[2] for _, r in rows['bare model'] for x in r):.1f} tokens (bare).",
     ]
     text = "\n".join(lines)
     print(text)

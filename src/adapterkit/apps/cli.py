@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -616,14 +617,17 @@ def _hub_parsers(sub) -> None:
 OFFLINE = {"demo", "llm-demo", "multitask", "speech-demo", "predict"}  # their models and data are local: no hub lookups
 
 
-def quiet_transformers() -> None:
+def quiet_libraries() -> None:
     """transformers logs errors only: through its environment variable, read when it is first imported
-    (so that a command which never needs it, e.g. ``hub serve``, never imports it), or at once if it was."""
+    (so that a command which never needs it, e.g. ``hub serve``, never imports it), or at once if it was.
+    torchao (imported by transformers) warns that its CUDA kernels do not load on a CPU: errors only too."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "transformers" in sys.modules:
-        from transformers.utils import logging
+        from transformers.utils import logging as transformers_logging
 
-        logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -631,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in OFFLINE:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    quiet_transformers()  # a new task head's "newly initialized" weights are expected here
+    quiet_libraries()  # a new task head's "newly initialized" weights are expected here
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's "exact command"
     try:
         args.func(args)
