@@ -3,19 +3,19 @@ vs one request at a time, and latency.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 16] [--requests 2] [--output benchmarks/results_serve_load.md]
 
-SmolLM2-135M-Instruct (fp32), the real server (``adapterkit.serve.app.build``, uvicorn in a thread of this
-process, 2 torch threads), ``--clients`` concurrent clients each sending ``--requests`` streamed
-``/v1/completions`` (the same 20-token prompt, ``max_tokens`` 16, greedy), every request for its own
-adapter in turn. Adapters: LoRA r=8 on q/v with random weights (1, 8 or 64 distinct), and a mix of LoRA,
-IA3, Pfeiffer and Houlsby. Every adapter is loaded by one warm-up request first (not timed).
-Throughput: completion tokens (from ``usage``) over the wall time of the whole load. The baseline serves
-the same 64-adapter load one request at a time (``--max-batch 1``), as a server that swaps the active
-adapter per request without per-row batching must when every request names another adapter.
-The loads alternate, ``--rounds`` times (timings drift on a shared machine): a setup's throughput is its
-tokens over its seconds summed across rounds.
-Latency: time to first streamed token (TTFT) and to the end, unloaded (one request at a time), under the
-64-adapter load above (all clients start at once: a burst), and under a steady load (requests for the 64
-adapters arriving at random, Poisson, ``--rate`` per second); p50 and p99 over the requests.
+SmolLM2-135M-Instruct (fp32), the real server (``adapterkit serve`` in its own process, 2 torch threads),
+``--clients`` concurrent clients each sending ``--requests`` streamed ``/v1/completions`` (the same
+20-token prompt, ``max_tokens`` 16, greedy), every request for its own adapter in turn. Adapters:
+LoRA r=8 on q/v with random weights (1, 8 or 64 distinct), and a mix of LoRA, IA3, Pfeiffer and
+Houlsby. Every adapter is loaded by one warm-up request first (not timed).
+Throughput: completion tokens (from ``usage``) over the wall time of the whole load. The baseline
+serves the same 64-adapter load one request at a time (``--max-batch 1``), as a server that swaps the
+active adapter per request without per-row batching must when every request names another adapter.
+The loads alternate, ``--rounds`` times (timings drift on a shared machine): a setup's throughput is
+its tokens over its seconds summed across rounds.
+Latency: time to first streamed token (TTFT) and to the end, unloaded (one request at a time), under
+the 64-adapter load above (all clients start at once: a burst), and under a steady load (requests for
+the 64 adapters arriving at random, Poisson, ``--rate`` per second); p50 and p99 over the requests.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import json
 import random
 import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,27 +65,33 @@ def adapters(model_dir: str, folder: Path) -> dict[str, str]:
 
 
 class Server:
-    """The app on a free loopback port, in a thread."""
+    """``adapterkit serve`` in its own process on a free loopback port (as clients meet it: the clients'
+    threads here do not share the server's interpreter lock)."""
 
     def __init__(self, model_dir: str, sources: dict[str, str], max_batch: int) -> None:
-        import uvicorn
-
-        from adapterkit.serve.app import Options, build
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        options = Options(adapters=sources, max_batch=max_batch, max_adapters=128, max_queue=1024)
-        config = uvicorn.Config(build(model_dir, options), host="127.0.0.1", port=port, log_level="warning")
-        self.server, self.url = uvicorn.Server(config), f"http://127.0.0.1:{port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
+        command = [sys.executable, "-m", "adapterkit", "serve", "--model", model_dir, "--port", str(port)]
+        command += [f"--adapter={name}={path}" for name, path in sources.items()]
+        command += ["--max-batch", str(max_batch), "--max-adapters", "128", "--max-queue", "1024"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"adapterkit serve did not start: {command}")
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/health", timeout=5).ok
+        except requests.ConnectionError:
+            return False
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.process.terminate()
+        self.process.wait(60)
 
 
 def request(url: str, model: str, tokens: int = TOKENS) -> tuple[float, float, int]:

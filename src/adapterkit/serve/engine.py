@@ -12,8 +12,8 @@ retires finished or cancelled sequences at once. A long request never holds a sh
 * attention runs per sequence over its own KV cache (:mod:`adapterkit.serve.attention`);
 * every decoding step has the same row count, ``max_batch`` (free slots are dummy rows whose outputs are
   discarded), because CPU matmul kernels reduce in an order that depends on the number of rows (measured
-  with MKL: 1 row, 2-15 rows and 16+ rows give three different results for the same row), never on the
-  other rows' values or on a row's position;
+  with MKL on SmolLM2's down_proj: a row's result changes at 2, 16, 57 and 193 rows;
+  ``benchmarks/serve_prefill_bound.py``), never on the other rows' values or on a row's position;
 * per-row adapters add exact zeros (or scale by exactly 1) to rows that are not theirs.
 
 So a request served under any load gets the same logits, bit for bit, as served alone
