@@ -501,20 +501,30 @@ class Engine:
             return ("stop" if stopped else "length"), text + rest
         return None, text
 
-    def _chunk(self, request: _Request, text: str, reason: str | None = None, error: str | None = None) -> Chunk:
-        return Chunk(text, reason, len(request.prompt), len(request.stream.tokens), error)
+    def _chunk(
+        self, request: _Request, text: str, reason: str | None = None, error: str | None = None, code: str | None = None
+    ) -> Chunk:
+        return Chunk(text, reason, len(request.prompt), len(request.stream.tokens), error, code)
 
     def _finish(
-        self, slot: int, request: _Request, reason: str, error: str | None = None, code: str | None = None, text=""
+        self,
+        slot: int,
+        request: _Request,
+        reason: str,
+        error: str | None = None,
+        code: str | None = None,
+        text: str = "",
     ) -> None:
         """End a running request: free its slot and cache, send its last chunk."""
         self._slots[slot] = None
         request.kv = None
         self._end(request, reason, error, code, text)
 
-    def _end(self, request: _Request, reason: str, error: str | None = None, code: str | None = None, text="") -> None:
+    def _end(
+        self, request: _Request, reason: str, error: str | None = None, code: str | None = None, text: str = ""
+    ) -> None:
         self._stats[f"requests_{reason}"] += 1
-        request.stream.put(dataclasses.replace(self._chunk(request, text, reason, error), code=code))
+        request.stream.put(self._chunk(request, text, reason, error, code))
 
 
 def _run_call(fn: Callable, model: nn.Module, future: concurrent.futures.Future) -> None:
