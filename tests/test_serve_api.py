@@ -169,6 +169,11 @@ def test_a_broken_adapter_fails_its_own_requests_only(served):
         with pytest.raises(openai.BadRequestError, match="adapter 'a' failed") as e:
             c.completions.create(model="a", prompt=PROMPT, max_tokens=4)
         assert e.value.code == "adapter_failed"  # its adapter's fault (a 4xx), not the server's
+        body = {"model": "a", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+        auth = {"Authorization": f"Bearer {KEY}"}
+        reply = requests.post(f"{served.url}/v1/completions", json=body, headers=auth, timeout=30)
+        events = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "adapter_failed"  # streamed: the same reason, as the last event
         assert c.completions.create(model="b", prompt=PROMPT, max_tokens=4).choices[0].finish_reason == "length"
     finally:
         served.engine.failing.clear()
