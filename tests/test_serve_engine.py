@@ -12,7 +12,7 @@ import transformers as T
 import adapterkit as ak
 from adapterkit.core.methods.lora import LoRA
 from adapterkit.core.state import adapter_modules
-from adapterkit.serve.engine import Engine, QueueFull, Sampling, TextDeltas
+from adapterkit.serve.engine import ContextExceeded, Engine, QueueFull, Sampling, TextDeltas
 
 from conftest import randomize_adapters
 from test_chat import WORDS, chat_llama, tokenizer
@@ -124,13 +124,20 @@ def test_cancel_frees_the_slot_and_the_cache(engine):
 
 def test_queue_bound_and_bad_requests(llama):
     e = Engine(*llama, max_batch=2, max_queue=2, max_context=16)  # not started: nothing leaves the queue
-    streams = [e.submit([5, 6], name, Sampling()) for name in ("lora", None)]
+    streams = [e.submit([5, 6], name, Sampling(max_tokens=4)) for name in ("lora", None)]
     with pytest.raises(QueueFull, match="2 requests are waiting"):
-        e.submit([5, 6], None, Sampling())
+        e.submit([5, 6], None, Sampling(max_tokens=4))
     assert e.in_use() == {"lora"} and e.stats()["queued"] == 2
-    for bad, match in [([], "1 to 15 tokens"), ([1] * 16, "1 to 15 tokens"), ([5, 99], r"\[0, 16\)")]:
+    too_long = "context holds 16"
+    for bad, match in [([], "empty"), ([1] * 13, too_long), ([5, 99], r"\[0, 16\)")]:
         with pytest.raises(ak.AdapterError, match=match):
-            e.submit(bad, None, Sampling())
+            e.submit(bad, None, Sampling(max_tokens=4))
+    assert e.check_prompt([1] * 12, 4) == [1] * 12  # 12 + 4 fits the 16 exactly
+    with pytest.raises(ContextExceeded, match="lower max_tokens"):  # OpenAI's rule: refused up front, not cut
+        e.submit([5, 6], None, Sampling(max_tokens=15))
+    for options, match in [({"temperature": float("inf")}, "temperature"), ({"top_p": float("nan")}, "top_p")]:
+        with pytest.raises(ak.AdapterError, match=match):
+            Sampling(**options)
     for options, match in [({"max_tokens": 0}, "max_tokens"), ({"top_p": 0}, "top_p"), ({"stop": ("",)}, "stop")]:
         with pytest.raises(ak.AdapterError, match=match):
             Sampling(**options)
@@ -167,6 +174,38 @@ def test_a_failing_adapter_fails_only_its_own_requests(llama, engine):
     assert "'boom' failed: RuntimeError: boom" in lasts[1].error and len(streams[1].tokens) == 1
     assert "'missing' failed" in lasts[2].error and "missing" in lasts[2].error.split("failed")[1]
     assert [(streams[i].tokens, streams[i].logprobs) for i in (0, 3)] == alone
+
+
+def test_an_adapter_with_non_finite_weights_fails_its_own_requests_greedy_or_sampled(llama, engine):
+    """NaN weights gave greedy answers of empty text and sampled ones a 500 blaming the base model: now each
+    such request ends with adapter_failed (a 400), and the other rows get what they get alone."""
+    model, _ = llama
+    ak.add_adapter(model, "nan", "lora", r=2)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if ".adapterkit.nan." in n):
+            p.fill_(float("nan"))
+    e = engine()
+    alone = serve(e, [7, 8, 9], "lora")[:2]
+    options = [{}, {"temperature": 1.0, "seed": 3}]
+    bad = [e.submit([7, 8, 9], "nan", Sampling(max_tokens=8, **o)) for o in options]
+    good = e.submit([7, 8, 9], "lora", Sampling(max_tokens=8))
+    for stream in bad:
+        last = stream.result()[1]
+        assert (last.finish_reason, last.code) == ("error", "adapter_failed") and "not finite" in last.error
+        assert stream.tokens == []
+    assert good.result()[1].finish_reason == "length" and (good.tokens, good.logprobs) == alone
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-40, 1.0), (1.0, 1e-46), (5e-324, 5e-324), (2.0, 1.0)])
+def test_any_temperature_and_top_p_a_client_may_send_sample_a_token(engine, temperature, top_p):
+    """float32 underflowed at temperature 1e-40 or top_p 1e-46 (a 500): a vanishing temperature or nucleus
+    now gives the greedy token, never an error."""
+    e = engine()
+    greedy = serve(e, [7, 8, 9], "lora")[0]
+    tokens, logprobs, _, last = serve(e, [7, 8, 9], "lora", temperature=temperature, top_p=top_p, seed=0)
+    assert last.finish_reason == "length" and len(tokens) == 8 and all(lp <= 0 for lp in logprobs)
+    if temperature < 1e-30 or top_p < 1e-30:
+        assert tokens == greedy
 
 
 def test_call_adds_an_adapter_between_steps_while_requests_run(llama, engine):

@@ -1,0 +1,87 @@
+"""Runs the model for the engine: one forward over a batch of rows, each row through its own sequence's
+KV cache and its own adapter, with a fixed row count so that no row's result depends on the others.
+
+``prefill`` runs one request's prompt alone; ``decode`` runs one token for every slot (``max_batch``
+rows; free slots are dummy rows whose outputs are discarded: a CPU matmul's row result depends on the
+number of rows, ``benchmarks/serve_prefill_bound.py``). A step that fails is retried one adapter at a time
+(:meth:`Runner.isolate`): by batch invariance, the healthy rows get exactly what the joint step gave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from adapterkit.core import adapters
+from adapterkit.core import state as st
+from adapterkit.core.composition import PerRow, Stack
+from adapterkit.serve.attention import KV, Row, Step, engine_forward
+from adapterkit.serve.scheduler import Request
+
+Logits = list[torch.Tensor | None]  # per row: the last position's logits, or None (a dummy or failed row)
+
+
+class Runner:
+    """The model's forwards for the engine (in the engine thread only)."""
+
+    def __init__(self, model: nn.Module, max_batch: int) -> None:
+        self.model, self.max_batch = model, max_batch
+        self.device = next(model.parameters()).device
+
+    def prefill(self, request: Request) -> torch.Tensor:
+        """The prompt alone through the model and its adapter: the last position's logits (vocab,)."""
+        request.kv = KV(len(request.prompt) + request.sampling.max_tokens)
+        ids = torch.tensor([request.prompt], device=self.device)
+        positions = torch.arange(len(request.prompt), device=self.device)[None]
+        return self.forward([Row(request.kv, request.adapter)], ids, positions)[0]
+
+    def decode(self, slots: list[Request | None]) -> tuple[Logits, dict[int, Exception]]:
+        """One token for every running sequence in one forward of ``len(slots)`` rows: the logits per row,
+        and the rows whose adapter failed (then the others ran again without them, :meth:`isolate`)."""
+        rows = [Row(r.kv, r.adapter) if r is not None else None for r in slots]
+        ids = torch.tensor([[r.stream.tokens[-1] if r else 0] for r in slots], device=self.device)
+        positions = torch.tensor([[r.position if r else 0] for r in slots], device=self.device)
+        try:
+            return list(self.forward(rows, ids, positions)), {}
+        except Exception:  # noqa: BLE001 (one adapter's failure: find it, the others go on)
+            return self.isolate(rows, ids, positions)
+
+    def isolate(self, rows: list[Row | None], ids: torch.Tensor, positions: torch.Tensor):
+        """A failed step again, one adapter's rows at a time: the logits of the rows that ran, and the
+        exception of each row whose adapter failed."""
+        logits: Logits = [None] * len(rows)
+        failed: dict[int, Exception] = {}
+        groups: dict[str | None, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row is not None:
+                groups.setdefault(row.adapter, []).append(i)
+        for members in groups.values():
+            alone = [row if i in members else None for i, row in enumerate(rows)]
+            try:
+                out = self.forward(alone, ids, positions)
+            except Exception as e:  # noqa: BLE001
+                failed.update(dict.fromkeys(members, e))
+                continue
+            for i in members:
+                logits[i] = out[i]
+        return logits, failed
+
+    def forward(self, rows: list[Row | None], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The last position's logits (rows, vocab) in float32; commits what each row's cache got."""
+        step = Step(rows, inner="")
+        setup = self.setup([r.adapter if r else None for r in rows])
+        with torch.inference_mode(), setup, engine_forward(self.model, step) as cache:
+            out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        for row in rows:
+            if row is not None:
+                row.kv.length += step.written
+        return out.logits[:, -1].float()
+
+    def setup(self, names: list[str | None]):
+        """Row ``i`` through adapter ``names[i]``; the base model where no row has one."""
+        if any(names):
+            return adapters.use(self.model, PerRow(names))
+        state = self.model.__dict__.get(st.STATE)
+        return state.override(Stack()) if state is not None else contextlib.nullcontext()
