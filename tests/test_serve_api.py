@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 import adapterkit as ak
-from adapterkit.serve.app import Limits, create_app, hash_key
+from adapterkit.serve.app import create_app
+from adapterkit.serve.plumbing import Limits, hash_key
 from adapterkit.serve.registry import AdapterUnavailable, Bounds, Direct, Registry
 
 from conftest import make_model

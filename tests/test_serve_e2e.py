@@ -13,7 +13,7 @@ import torch
 import transformers as T
 
 import adapterkit as ak
-from adapterkit.serve.app import Options, build
+from adapterkit.serve.launch import Options, build
 
 from serve_fakes import Running
 from test_chat import chat_llama, tokenizer
@@ -91,7 +91,8 @@ def test_curl_completes_and_streams(served, folder):
 
 def test_a_config_without_architectures_is_served_by_its_type(folder, tmp_path):
     """A checkpoint converted from GGUF may name no architecture: a Llama is still a causal LM."""
-    from adapterkit.serve.app import CAUSAL, ENCODER, load
+    from adapterkit.serve.launch import load
+    from adapterkit.serve.plumbing import CAUSAL, ENCODER
 
     root, _ = folder
     shutil.copytree(root / "llama", tmp_path / "llama")

@@ -287,7 +287,8 @@ def cmd_hub_serve(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """An OpenAI-compatible server of one model and its adapters (``adapterkit.serve``)."""
-    from adapterkit.serve.app import Limits, Options, serve
+    from adapterkit.serve.launch import Options, serve
+    from adapterkit.serve.plumbing import Limits
 
     adapters = dict(map(_served, args.adapter))
     limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, args.request_timeout)

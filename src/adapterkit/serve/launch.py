@@ -1,0 +1,94 @@
+"""Running ``adapterkit serve``: the model loaded from its folder, the engine (or worker) and registry
+built from the CLI's options, and uvicorn started over the app."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from adapterkit.serve.app import create_app
+from adapterkit.serve.plumbing import CAUSAL, ENCODER, Limits, read_keys
+from adapterkit.serve.registry import Direct, Registry
+
+
+# -- running it ---------------------------------------------------------------------------------------
+def load(model_dir: str):
+    """The model (eval mode), its tokenizer, and its kind: a causal LM or an encoder (from its config)."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    config = AutoConfig.from_pretrained(model_dir)
+    architectures = config.architectures or []
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or _decoder_only(config):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer, CAUSAL
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), tokenizer, ENCODER
+    return AutoModel.from_pretrained(model_dir).eval(), tokenizer, ENCODER
+
+
+def _decoder_only(config) -> bool:
+    """A config that names no architecture (e.g. one converted from GGUF): a causal LM when its type
+    has a causal-LM class and no masked-LM one (Llama yes; BERT, which has both, no)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return (
+        not config.architectures
+        and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """``adapterkit serve``'s options (the CLI's flags)."""
+
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)
+    hub: str | None = None
+    allow_hub_refs: bool = False
+    api_key_file: str | None = None
+    max_batch: int = 16
+    max_queue: int = 256
+    max_context: int = 2048
+    max_adapters: int = 32
+    max_adapter_bytes: int = 2**30
+    limits: Limits = Limits()
+
+
+def build(model_dir: str, options: Options) -> FastAPI:
+    """The app over the model in ``model_dir`` (an engine for a causal LM, a worker thread for an encoder)."""
+    from adapterkit.serve.engine import Engine
+    from adapterkit.serve.registry import Bounds
+
+    model, tokenizer, kind = load(model_dir)
+    if kind == CAUSAL:
+        engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
+                        max_context=options.max_context)  # fmt: skip
+    else:
+        engine = Direct(model)
+    registry = Registry(engine, options.adapters, Bounds(options.max_adapters, options.max_adapter_bytes), options.hub)
+    keys = read_keys(options.api_key_file) if options.api_key_file else frozenset()
+    name = Path(model_dir).name
+    return create_app(engine, tokenizer, registry, name=name, kind=kind, limits=options.limits, keys=keys,
+                      allow_hub_refs=options.allow_hub_refs, aliases=[model_dir])  # fmt: skip
+
+
+def serve(model_dir: str, options: Options, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    # As the hub: idle keep-alive connections close after 5 s; past 512 connections at once, 503s.
+    app = build(model_dir, options)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=512)
