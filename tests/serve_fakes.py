@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from adapterkit.serve.engine import Chunk, QueueFull, Sampling
+from adapterkit.serve.engine import Chunk, ContextExceeded, QueueFull, Sampling
 
 
 def words(ids: list[int], adapter: str | None, sampling: Sampling) -> list[str]:
@@ -72,8 +72,8 @@ class FakeStream:
 class FakeEngine:
     """The engine's interface: ``submit`` streams fake words; ``call`` runs on a real model in one thread."""
 
-    def __init__(self, model=None, capacity: int = 64, delay: float = 0.001) -> None:
-        self.model, self.capacity, self.delay = model, capacity, delay
+    def __init__(self, model=None, capacity: int = 64, delay: float = 0.001, max_context: int = 128) -> None:
+        self.model, self.capacity, self.delay, self.max_context = model, capacity, delay, max_context
         self.streams: list[FakeStream] = []
         self.cancels: list[FakeStream] = []
         self.failing: set[str] = set()
@@ -95,6 +95,12 @@ class FakeEngine:
         stream = FakeStream(self, ids, adapter, sampling)
         self.streams.append(stream)
         return stream
+
+    def check_prompt(self, ids: list[int], max_tokens: int = 1) -> list[int]:
+        """The engine's context rule: prompt plus max_tokens within ``max_context``."""
+        if len(ids) + max_tokens > self.max_context:
+            raise ContextExceeded(f"the prompt has {len(ids)} tokens and asks for {max_tokens} more; too long")
+        return ids
 
     def call(self, fn):
         return self.pool.submit(fn, self.model)
@@ -118,7 +124,7 @@ class Running:
     def __init__(self, app) -> None:
         import uvicorn
 
-        self.port = free_port()
+        self.app, self.port = app, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -6,11 +6,16 @@ runtime admin); metrics; the encoder routes on a tiny BERT; the OpenAPI schema f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -31,6 +36,7 @@ from serve_fakes import FakeEngine, Running, Sampling, words
 from test_chat import tokenizer
 
 KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = Limits(max_tokens=64, max_prompt_tokens=40, request_timeout=1.5, max_body_bytes=2**16)
 PROMPT = "what is one plus two ?"
 
@@ -62,7 +68,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folders):
-    engine = FakeEngine(make_model("llama"))
+    engine = FakeEngine(make_model("llama"), max_context=80)
     sources = {n: str(folders[n]) for n in ("a", "b", "broken")}
     registry = Registry(engine, sources, Bounds(max_adapters=2))
     app = create_app(engine, tokenizer(), registry, name="tiny", limits=LIMITS, keys=frozenset([hash_key(KEY)]))
@@ -132,9 +138,92 @@ def test_openai_streaming_and_async(served):
     assert three == expected("two", inner(served, "b"), 3)
 
 
-def test_models_lists_the_base_and_the_adapters(served):
-    listed = client(served).models.list()
-    assert [m.id for m in listed.data] == ["tiny", "a", "b", "broken"]
+def test_models_lists_what_can_be_served_and_no_server_path(served, folders):
+    """Listed: the base and the adapters, ``root`` their names (not the server's folders); an adapter whose
+    files failed to load is left out until it is added again."""
+    c = client(served)
+    with pytest.raises(openai.BadRequestError, match="cannot be loaded"):
+        c.completions.create(model="broken", prompt=PROMPT, max_tokens=2)
+    listed = requests.get(f"{served.url}/v1/models", headers=AUTH, timeout=5).json()["data"]
+    assert [m["id"] for m in listed] == ["tiny", "a", "b"] and all(m["root"] == m["id"] for m in listed)
+    assert str(folders["a"]) not in json.dumps(listed)
+    served.registry.add("broken", str(folders["broken"]))
+    assert [m.id for m in c.models.list().data] == ["tiny", "a", "b", "broken"]
+
+
+def test_metrics_and_the_schema_need_a_key_unless_the_operator_opens_them(served, folders):
+    for path in ("/metrics", "/openapi.json"):
+        refused = requests.get(f"{served.url}{path}", timeout=5)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert requests.get(f"{served.url}{path}", headers=AUTH, timeout=5).status_code == 200
+    from fastapi.testclient import TestClient
+
+    engine = FakeEngine(make_model("llama"))
+    app = create_app(engine, tokenizer(), Registry(engine, {}, Bounds()), name="tiny", limits=LIMITS,
+                     keys=frozenset([hash_key(KEY)]), public_metrics=True)  # fmt: skip
+    with TestClient(app) as http:
+        assert http.get("/metrics").status_code == 200 and http.get("/openapi.json").json()["paths"]
+        assert http.get("/v1/models").status_code == 401  # only those two open
+
+
+def test_names_never_read_as_hub_references(served, folders):
+    """An admin name like hub:a/b@v1 would hide the adapter's real source behind a reference."""
+    for name in ("hub:alice/x@v1", "a@v1", "x:y", "../up", " pad"):
+        added = requests.post(f"{served.url}/admin/adapters", json={"name": name, "source": str(folders["c"])},
+                              headers=AUTH, timeout=5)  # fmt: skip
+        assert added.status_code == 400 and added.json()["error"]["param"] == "name", name
+        with pytest.raises(AdapterUnavailable, match="cannot name an adapter"):
+            served.registry.add(name, str(folders["c"]))
+    assert "hub:alice/x@v1" not in served.registry.sources
+
+
+def test_a_prompt_that_overflows_the_context_is_refused_up_front(served):
+    """Prompt + max_tokens past the engine's context (80 here): 400 context_length_exceeded naming
+    the prompt, before the adapter is loaded (broken's load failure never shows), never a silent cut."""
+    c = client(served)
+    with pytest.raises(openai.BadRequestError, match="asks for 60 more") as e:
+        c.completions.create(model="broken", prompt="one " * 30, max_tokens=60)
+    assert (e.value.code, e.value.body["param"]) == ("context_length_exceeded", "prompt")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="a", messages=[{"role": "user", "content": "one " * 30}], max_tokens=64)
+    assert (e.value.code, e.value.body["param"]) == ("context_length_exceeded", "messages")
+    assert c.completions.create(model="a", prompt="one " * 30, max_tokens=40).choices[0].finish_reason == "length"
+    unasked = c.chat.completions.create(model="a", messages=[{"role": "user", "content": "one " * 30}])
+    assert unasked.usage.prompt_tokens + unasked.usage.completion_tokens == 80  # the rest of the context
+
+
+def test_a_huge_prompt_is_refused_by_its_length_before_it_is_tokenized(served):
+    tokenizers = served.app.state.s.tokenizers
+    huge = "one " * 16_000  # 64 kB: far more characters than 40 tokens can spell
+    assert tokenizers.surely_over(len(huge), LIMITS.max_prompt_tokens)
+    borrowed = [tokenizers.free.get() for _ in range(4)]  # every copy lent: tokenizing would wait forever
+    try:
+        with pytest.raises(openai.BadRequestError, match="64000 characters") as e:
+            client(served, timeout=10).completions.create(model="tiny", prompt=huge)
+        assert e.value.code == "context_length_exceeded"
+    finally:
+        for tok in borrowed:
+            tokenizers.free.put(tok)
+
+
+def test_tokenizing_borrows_a_copy_so_one_slow_prompt_holds_no_other():
+    from adapterkit.serve.tokenizers import Tokenizers
+
+    pool, held, released = Tokenizers(tokenizer(), copies=2), threading.Event(), threading.Event()
+
+    def slow() -> None:
+        with pool.borrow():
+            held.set()
+            released.wait(10)
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    held.wait(10)
+    with pool.borrow() as tok:  # the other copy, at once
+        assert tok(PROMPT)["input_ids"] == tokenizer()(PROMPT)["input_ids"]
+    released.set()
+    worker.join(10)
+    assert not pool.surely_over(len(PROMPT), 40)
 
 
 def test_openai_errors(served):
@@ -318,7 +407,7 @@ def fuzz(operation, mode: GenerationMode) -> None:
 
 
 def test_openapi_schema_fuzzed_no_5xx(served):
-    schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 9
     for operation in operations:
@@ -396,7 +485,7 @@ def test_metrics_count_requests_tokens_and_adapter_loads(served):
     client(served).completions.create(model="a", prompt=PROMPT, max_tokens=2)
     with pytest.raises(openai.BadRequestError):  # a load failure of its own, whatever ran before
         client(served).completions.create(model="broken", prompt=PROMPT, max_tokens=2)
-    text = requests.get(f"{served.url}/metrics", timeout=5).text
+    text = requests.get(f"{served.url}/metrics", headers=AUTH, timeout=5).text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
     assert values['adapterkit_requests_total{route="/v1/completions",status="200"}'] >= 1
     assert values["adapterkit_completion_tokens_total"] >= 2 and values["adapterkit_prompt_tokens_total"] >= 6
@@ -405,6 +494,62 @@ def test_metrics_count_requests_tokens_and_adapter_loads(served):
     assert values["adapterkit_time_to_first_token_seconds_count"] >= 1
     for name in ("adapterkit_queue_depth", "adapterkit_batch_size", "adapterkit_request_latency_seconds_count"):
         assert name in values
+
+
+def stalling_hub() -> tuple[str, Callable[[], None]]:
+    """A 'hub' that accepts connections and never answers; and the function that closes it."""
+    listener, held, stop = socket.create_server(("127.0.0.1", 0), backlog=64), [], threading.Event()
+    listener.settimeout(0.1)
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    def close() -> None:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", close
+
+
+def test_stalled_hubs_hold_no_local_adapter_and_the_time_limit_covers_loading(folders):
+    """8 hub references whose hub never answers: each answers 504 at the request's time limit (the deadline
+    covers the load), and meanwhile the first use of a local adapter answers at once (hub downloads have a
+    pool of their own; a local folder needs none). Failed references are forgotten."""
+    hub, close = stalling_hub()
+    engine = FakeEngine(make_model("llama"))
+    registry = Registry(engine, {"a": str(folders["a"])}, Bounds(), hub)
+    app = create_app(engine, tokenizer(), registry, name="tiny", limits=dataclasses.replace(LIMITS, request_timeout=3),
+                     keys=frozenset([hash_key(KEY)]), allow_hub_refs=True)  # fmt: skip
+    server = Running(app)
+    try:
+        c = client(server, timeout=30)
+        with ThreadPoolExecutor(8) as pool:
+            began = time.monotonic()
+            ask = functools.partial(c.completions.create, prompt=PROMPT, max_tokens=2)
+            stalled = [pool.submit(ask, model=f"hub:alice/x{i}") for i in range(8)]
+            time.sleep(0.5)  # their downloads have started, and stall
+            local = ask(model="a")
+            local_took = time.monotonic() - began - 0.5
+            errors = [f.exception(timeout=30) for f in stalled]
+            stalled_took = time.monotonic() - began
+        assert local.choices[0].text.startswith(registry.loaded[str(folders["a"])].inner) and local_took < 2.5
+        assert all(isinstance(e, openai.APIStatusError) and e.status_code == 504 for e in errors), errors
+        assert {e.code for e in errors} == {"timeout"} and stalled_took < 3 * 3
+    finally:
+        close()  # the stalled downloads fail now: their references are forgotten
+        deadline = time.monotonic() + 20
+        while registry.refs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+    assert registry.refs == set() and registry.resident() == {str(folders["a"]): registry.resident()[str(folders["a"])]}
 
 
 # -- encoders ---------------------------------------------------------------------------------------
@@ -450,3 +595,23 @@ def test_encoder_embeddings_and_classify_apply_the_adapter(tmp_path):
 def test_registry_refuses_a_source_that_is_not_an_adapter(tmp_path):
     with pytest.raises(AdapterUnavailable, match="not an adapter"):
         Registry(FakeEngine(), {"x": str(tmp_path)})
+
+
+def test_an_adapter_with_non_finite_weights_is_refused_when_it_loads(tmp_path):
+    """NaN or inf weights would give empty or failing answers: the load fails with the reason, nothing stays."""
+    model = make_model("llama")
+    folder = lora(model, tmp_path / "nan", seed=1)
+    ak.load_adapter(model, folder, "task2")
+    weights = ak.core.io.adapter_state_dict(model, "task2")
+    weights[next(iter(weights))].view(-1)[0] = float("inf")
+    ak.save_adapter(model, "task2", folder)
+    engine = FakeEngine(make_model("llama"))
+    registry = Registry(engine, {"nan": str(folder)})
+
+    async def load():
+        async with registry.use(str(folder)):
+            pass
+
+    with pytest.raises(AdapterUnavailable, match="NaN or inf"):
+        asyncio.run(load())
+    assert not ak.list_adapters(engine.model) and registry.listed() == {}

@@ -293,7 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     adapters = dict(map(_served, args.adapter))
     limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, args.request_timeout)
     options = Options(adapters, args.hub, args.allow_hub_refs, args.api_key_file, args.max_batch, args.max_queue,
-                      args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits)  # fmt: skip
+                      args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits,
+                      public_metrics=args.public_metrics)  # fmt: skip
     print(f"adapterkit serve on http://{args.host}:{args.port}/v1 ({args.model}, {len(adapters)} adapters)")
     serve(args.model, options, args.host, args.port)
 
@@ -564,6 +565,7 @@ def _serve_parser(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key-file", help="API keys, one a line (kept hashed); without it no key is needed")
+    v.add_argument("--public-metrics", action="store_true", help="/metrics and /openapi.json need no API key")
     v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; past it 429")
     v.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one sequence")
@@ -571,7 +573,8 @@ def _serve_parser(sub) -> None:
     v.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (tokens)")
     v.add_argument("--request-timeout", type=float, default=600.0, help="seconds; then the generation is cancelled")
     v.add_argument("--max-adapters", type=int, default=32, help="adapters kept loaded while idle")
-    v.add_argument("--max-adapter-mb", type=float, default=1024, help="adapter weights kept loaded while idle")
+    v.add_argument("--max-adapter-mb", type=float, default=1024,
+                   help="adapter weights kept loaded while idle; also the largest hub download")  # fmt: skip
     v.set_defaults(func=cmd_serve)
 
 

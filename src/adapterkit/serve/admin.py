@@ -9,15 +9,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from adapterkit.serve.plumbing import Administrator, ApiError, Authorized, State, read_body
+from adapterkit.serve.plumbing import Administrator, ApiError, Authorized, Observer, State, read_body
 from adapterkit.serve.schemas import NewAdapter
 
 
 # -- listing, health, metrics, admin ------------------------------------------------------------------
 async def models(s: State = Authorized) -> Any:
+    """The base model and the adapters that can be served (no server paths: ``root`` is the name)."""
     entry = {"object": "model", "created": s.created, "owned_by": "adapterkit"}
     data = [{"id": s.name, **entry, "root": s.name, "parent": None}]
-    data += [{"id": n, **entry, "root": s.registry.sources[n], "parent": s.name} for n in s.registry.names()]
+    data += [{"id": n, **entry, "root": n, "parent": s.name} for n in s.registry.listed()]
     return {"object": "list", "data": data}
 
 
@@ -27,14 +28,18 @@ async def health(request: Request) -> Any:
     return {"status": "ok", "model": s.name, "kind": s.kind, "adapters_loaded": len(s.registry.loaded), **stats}
 
 
-async def metrics(request: Request) -> Response:
-    s: State = request.app.state.s
+async def metrics(s: State = Observer) -> Response:
     stats = s.engine.stats() if hasattr(s.engine, "stats") else {}
     s.metrics.batch.set(stats.get("last_batch_size", 0))
     s.metrics.queued.set(stats.get("queued", 0))
     s.metrics.running.set(stats.get("running", 0))
     s.metrics.resident.set(len(s.registry.loaded))
     return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def schema(request: Request, s: State = Observer) -> Response:
+    """The OpenAPI schema (its request bodies included)."""
+    return JSONResponse(request.app.openapi())
 
 
 async def add_adapter(request: Request, s: State = Administrator) -> Any:

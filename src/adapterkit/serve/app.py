@@ -45,14 +45,17 @@ def create_app(
     keys: frozenset[str] = frozenset(),
     allow_hub_refs: bool = False,
     aliases: Sequence[str] = (),
+    public_metrics: bool = False,
 ) -> FastAPI:
     """The server of ``engine`` (an :class:`adapterkit.serve.engine.Engine` for a causal LM, a
     :class:`~adapterkit.serve.registry.Direct` for an encoder) under the base model's ``name``.
 
     ``keys``: sha256 hashes of the API keys (none: no key needed); ``aliases``: other names of the
-    base model (e.g. the path it was loaded from)."""
-    app = FastAPI(title="adapterkit serve", docs_url=None, redoc_url=None, lifespan=_lifespan)
-    app.state.s = State(engine, tokenizer, registry, name, kind, limits or Limits(), keys, allow_hub_refs, aliases)
+    base model (e.g. the path it was loaded from); ``public_metrics``: /metrics and /openapi.json answer
+    without a key (by default they need one, as every other route does, where keys are set)."""
+    app = FastAPI(title="adapterkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
+    limits = limits or Limits()
+    app.state.s = State(engine, tokenizer, registry, name, kind, limits, keys, allow_hub_refs, aliases, public_metrics)
     registry.on_event = app.state.s.metrics.adapter_event
     for error, handler in HANDLERS.items():
         app.add_exception_handler(error, handler)
@@ -72,6 +75,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         s.engine.start()
     yield
     await run_in_threadpool(s.engine.stop, True)
+    s.registry.close()
 
 
 ROUTES = [
@@ -82,6 +86,7 @@ ROUTES = [
     ("/v1/models", admin.models, "GET", {}),
     ("/health", admin.health, "GET", {}),
     ("/metrics", admin.metrics, "GET", {}),
+    ("/openapi.json", admin.schema, "GET", {"include_in_schema": False}),
     ("/admin/adapters", admin.add_adapter, "POST", {"openapi_extra": request_body(NewAdapter)}),
     ("/admin/adapters/{name}", admin.remove_adapter, "DELETE", {}),
 ]

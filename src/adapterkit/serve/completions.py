@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapterkit.errors import AdapterError, shown
-from adapterkit.serve.engine import Chunk, QueueFull, Sampling
+from adapterkit.serve.engine import Chunk, ContextExceeded, QueueFull, Sampling
 from adapterkit.serve.plumbing import CAUSAL, ApiError, Authorized, State, adapter_source, needs, read_body
 from adapterkit.serve.schemas import Chat, Completion, Sampled
 
@@ -24,47 +24,67 @@ T = TypeVar("T")
 
 
 async def completions(request: Request, s: State = Authorized) -> Any:
+    started = time.monotonic()
     body = await read_body(request, Completion, s.limits.max_body_bytes)
     needs(s, CAUSAL, "/v1/completions")
     prompts = [await _tokens(s, text, chat=False) for text in body.prompts()]
-    return await _generate(request, s, body, prompts, body.max_tokens or 16, "text_completion")
+    return await _generate(request, s, body, prompts, body.max_tokens or 16, "text_completion", started)
 
 
 async def chat_completions(request: Request, s: State = Authorized) -> Any:
+    started = time.monotonic()
     body = await read_body(request, Chat, s.limits.max_body_bytes)
     needs(s, CAUSAL, "/v1/chat/completions")
     if getattr(s.tokenizer, "chat_template", None) is None:
         raise ApiError(400, f"{s.name} has no chat template: use /v1/completions", code="no_chat_template")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await _tokens(s, messages, chat=True)
-    asked = body.max_completion_tokens or body.max_tokens or s.limits.max_tokens
-    return await _generate(request, s, body, [prompt], asked, "chat.completion")
+    asked = body.max_completion_tokens or body.max_tokens  # None: the rest of the context, up to the limit
+    return await _generate(request, s, body, [prompt], asked, "chat.completion", started)
 
 
 async def _tokens(s: State, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
-    """The prompt's token ids (through the chat template for a conversation), within the limit."""
+    """The prompt's token ids (through the chat template for a conversation), within the limit: a prompt
+    too long by its characters alone is refused before it is tokenized."""
+    param, limit = "messages" if chat else "prompt", s.limits.max_prompt_tokens
+    chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+    if s.tokenizers.surely_over(chars, limit):
+        raise ApiError(400, f"the prompt has {chars} characters, more than {limit} tokens (this server's limit) "
+                       "can hold", param=param, code="context_length_exceeded")  # fmt: skip
 
     def encode() -> list[int]:
-        with s.tokenizing:
+        with s.tokenizers.borrow() as tokenizer:
             if chat:
-                text = s.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                return list(s.tokenizer(text, add_special_tokens=False)["input_ids"])
-            return list(s.tokenizer(prompt)["input_ids"])
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(tokenizer(prompt)["input_ids"])
 
     try:
         ids = await run_in_threadpool(encode)
     except Exception as e:  # noqa: BLE001 (a template that refuses the conversation, e.g. roles out of order)
         message = f"the prompt cannot be encoded: {shown(str(e))[:300]}"
-        raise ApiError(400, message, param="messages" if chat else "prompt") from None
-    if len(ids) > s.limits.max_prompt_tokens:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most {s.limits.max_prompt_tokens}",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")  # fmt: skip
+        raise ApiError(400, message, param=param) from None
+    if len(ids) > limit:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most {limit}",
+                       param=param, code="context_length_exceeded")  # fmt: skip
     if not ids:
-        raise ApiError(400, "the prompt is empty", param="prompt")
+        raise ApiError(400, "the prompt is empty", param=param)
     return ids
 
 
-async def _generate(request: Request, s: State, body: Sampled, prompts: list[list[int]], max_tokens: int, kind: str):
+async def _generate(
+    request: Request,
+    s: State,
+    body: Sampled,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    kind: str,
+    started: float,
+):
+    """Check, submit (loading the adapter within the request's time limit), and answer whole or streamed.
+    ``max_tokens`` None: as many as the context has room for after the prompt (at most the server's limit)."""
+    if max_tokens is None:
+        max_tokens = max(1, min(s.limits.max_tokens, s.engine.max_context - max(map(len, prompts))))
     if max_tokens > s.limits.max_tokens:
         raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {s.limits.max_tokens}",
                        param="max_tokens")  # fmt: skip
@@ -74,15 +94,31 @@ async def _generate(request: Request, s: State, body: Sampled, prompts: list[lis
         )
     except AdapterError as e:
         raise ApiError(400, shown(str(e))) from None
-    started, source = time.monotonic(), adapter_source(s, body.model)
-    streams = await _submit(s, source, prompts, sampling)
+    _fits(s, prompts, max_tokens, "prompt" if kind == "text_completion" else "messages")
+    source, deadline = adapter_source(s, body.model), started + s.limits.request_timeout
+    try:
+        streams = await asyncio.wait_for(_submit(s, source, prompts, sampling), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise _failure(Chunk("", "timeout")) from None
     s.metrics.prompt_tokens.inc(sum(map(len, prompts)))
     reply = Reply(kind, body.model, started, s)
-    events = _events(streams, started + s.limits.request_timeout)
+    events = _events(streams, deadline)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(reply.sse(events, len(prompts), usage), media_type="text/event-stream")
     return await _unless_gone(request, reply.whole(events, len(prompts)))
+
+
+def _fits(s: State, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+    """Refuse up front, as OpenAI does, prompts that with ``max_tokens`` more overflow the model's context
+    (the engine's own check: one limit), before any adapter is loaded."""
+    for ids in prompts:
+        try:
+            s.engine.check_prompt(ids, max_tokens)
+        except ContextExceeded as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
+        except AdapterError as e:
+            raise ApiError(400, shown(str(e)), param=param) from None
 
 
 async def _unless_gone(request: Request, work: Awaitable[T]) -> T:

@@ -60,9 +60,9 @@ async def _encode(s: State, model: str, texts: list[str], read) -> tuple[list[li
     source = adapter_source(s, model)
 
     def tokenize():
-        with s.tokenizing:
+        with s.tokenizers.borrow() as tokenizer:
             limit = s.limits.max_prompt_tokens
-            return s.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            return tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
 
     batch = await run_in_threadpool(tokenize)
     tokens = int(batch["attention_mask"].sum())

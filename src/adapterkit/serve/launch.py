@@ -66,6 +66,7 @@ class Options:
     max_adapters: int = 32
     max_adapter_bytes: int = 2**30
     limits: Limits = Limits()
+    public_metrics: bool = False
 
 
 def build(model_dir: str, options: Options) -> FastAPI:
@@ -83,7 +84,8 @@ def build(model_dir: str, options: Options) -> FastAPI:
     keys = read_keys(options.api_key_file) if options.api_key_file else frozenset()
     name = Path(model_dir).name
     return create_app(engine, tokenizer, registry, name=name, kind=kind, limits=options.limits, keys=keys,
-                      allow_hub_refs=options.allow_hub_refs, aliases=[model_dir])  # fmt: skip
+                      allow_hub_refs=options.allow_hub_refs, aliases=[model_dir],
+                      public_metrics=options.public_metrics)  # fmt: skip
 
 
 def serve(model_dir: str, options: Options, host: str = "127.0.0.1", port: int = 8000) -> None:

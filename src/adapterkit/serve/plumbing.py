@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapterkit.errors import AdapterError, shown
 from adapterkit.hub.protocol import parse_json, reason
 from adapterkit.serve.registry import AdapterUnavailable, Registry
+from adapterkit.serve.tokenizers import Tokenizers
 
 CAUSAL, ENCODER = "causal", "encoder"
 
@@ -86,10 +86,11 @@ class State:
     keys: frozenset[str]
     allow_hub_refs: bool
     aliases: Sequence[str]
+    public_metrics: bool = False  # /metrics and /openapi.json without a key (the operator's choice)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics()
-        self.tokenizing = threading.Lock()  # a fast tokenizer's settings are not safe to share across threads
+        self.tokenizers = Tokenizers(self.tokenizer)
         self.created = int(time.time())
 
 
@@ -208,6 +209,15 @@ async def administrator(request: Request) -> State:
 
 
 Administrator = Depends(administrator)
+
+
+async def observer(request: Request) -> State:
+    """Dependency of /metrics and /openapi.json: a key holder's, unless the operator opened them."""
+    s: State = request.app.state.s
+    return s if s.public_metrics else await authorized(request)
+
+
+Observer = Depends(observer)
 
 
 async def read_body(request: Request, model: type[BaseModel], cap: int):

@@ -10,7 +10,12 @@ The LRU is bounded by count and bytes; only idle adapters are evicted (none of t
 requests holds it and the engine has none queued or running with it, :meth:`Engine.in_use`). When
 every loaded adapter is busy the bound is passed rather than a request refused: the engine's queue
 bounds how many adapters can be busy at once. Model changes run through ``runner.call`` (in the engine
-thread, between decoding steps); downloads run in a worker thread, so neither stalls running requests.
+thread, between decoding steps); hub downloads run on a small pool of their own (capped at the operator's
+byte bound before a byte is read, following no redirect off the hub's origin), so a stalled hub holds
+neither running requests nor the loads of local folders, which need no pool.
+
+Names are plain (letters, digits, ``._/-``): a name that looks like a hub reference would hide its source.
+A source whose files failed to load is not listed (:meth:`Registry.listed`) until it is added again.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 from adapterkit.core import adapters, io
 from adapterkit.core.backbone import head_parameters
@@ -104,6 +112,18 @@ class Direct:
 
 
 Hook = Callable[[str], None]
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")  # no ":" or "@": a name never reads as a hub reference
+HUB_FETCHES = 4  # hub downloads at once: more wait, local folders never do
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name an adapter, else :class:`AdapterUnavailable` (400) saying what fits."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise AdapterUnavailable(
+            f"{shown(str(name))[:200]!r} cannot name an adapter: use 1-128 letters, digits and ._/- "
+            "(starting with a letter or digit; no ':' or '@', which hub references use)"
+        )
+    return name
 
 
 class Registry:
@@ -122,7 +142,9 @@ class Registry:
         self.refs: set[str] = set()  # hub references requests named directly (with --allow-hub-refs)
         self.loaded: dict[str, Loaded] = {}  # by source: replacing a name's source loads anew
         self.pending: dict[str, asyncio.Future] = {}
+        self.failed: set[str] = set()  # sources whose files did not load: not listed until added again
         self.ids = itertools.count(1)
+        self.fetches = ThreadPoolExecutor(HUB_FETCHES, thread_name_prefix="adapter-fetch")
         self.lock = threading.Lock()
         self.on_event = on_event or (lambda event: None)
         self.base_head: dict[str, Any] | None = None
@@ -133,9 +155,15 @@ class Registry:
     def names(self) -> list[str]:
         return list(self.sources)
 
+    def listed(self) -> dict[str, str]:
+        """The names that can be served and their sources (those whose files failed to load left out)."""
+        return {n: s for n, s in self.sources.items() if s not in self.failed}
+
     def add(self, name: str, source: str) -> None:
         """Serve ``source`` as ``name`` (replacing what ``name`` was); checked, loaded on first use."""
+        check_name(name)
         check_source(source)
+        self.failed.discard(source)
         self.sources[name] = source
 
     def check(self, source: str) -> str:
@@ -169,6 +197,8 @@ class Registry:
             return self.loaded[source]
         if source not in self.pending:  # one load per source, however many requests wait for it
             self.pending[source] = asyncio.ensure_future(self._load(source))
+            # its waiters may all have gone (out of time): the failure is theirs, not one to log
+            self.pending[source].add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             return await asyncio.shield(self.pending[source])
         finally:
@@ -176,17 +206,30 @@ class Registry:
                 del self.pending[source]
 
     async def _load(self, source: str) -> Loaded:
-        folder = await asyncio.to_thread(self._fetch, source)
-        inner = f"serve_{next(self.ids)}"
         try:
-            size, head = await asyncio.wrap_future(self.runner.call(lambda model: self._install(model, folder, inner)))
-        except Exception as e:  # noqa: BLE001 (any failure of one adapter's files is that adapter's)
-            self.on_event("load_failure")
-            raise AdapterUnavailable(f"the adapter {shown(source)!r} cannot be loaded: {shown(str(e))[:500]}") from e
+            folder = await self._fetched(source)
+            inner = f"serve_{next(self.ids)}"
+            try:
+                call = self.runner.call(lambda model: self._install(model, folder, inner))
+                size, head = await asyncio.wrap_future(call)
+            except Exception as e:  # noqa: BLE001 (any failure of one adapter's files is that adapter's)
+                self.on_event("load_failure")
+                self.failed.add(source)
+                message = f"the adapter {shown(source)!r} cannot be loaded: {shown(str(e))[:500]}"
+                raise AdapterUnavailable(message) from e
+        except BaseException:
+            self.refs.discard(source)  # a reference that does not load is forgotten: traffic cannot grow refs
+            raise
         self.loaded[source] = Loaded(inner, source, size, head)
         self.on_event("load")
         await self.evict(keep=source)
         return self.loaded[source]
+
+    async def _fetched(self, source: str) -> Path:
+        """The adapter's folder: a hub download on the fetch pool, a local folder at once."""
+        if source.startswith("hub:"):
+            return await asyncio.wrap_future(self.fetches.submit(self._fetch, source))
+        return self._fetch(source)
 
     def _fetch(self, source: str) -> Path:
         """The adapter's folder on this machine (pulled and verified for a hub reference)."""
@@ -209,10 +252,15 @@ class Registry:
             if inner in adapters.list_adapters(model):
                 adapters.delete_adapter(model, inner)
             raise
+        weights = io.adapter_state_dict(model, inner)
+        broken = [key for key, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if broken:
+            adapters.delete_adapter(model, inner)
+            raise AdapterError(f"{len(broken)} of its tensors hold NaN or inf values (the first: {broken[0]})")
         head = {k: p.detach().clone() for k, p in heads.items()}
         for k, p in heads.items():  # the model keeps the base's head: each request puts its own in
             p.data.copy_(self.base_head[k])
-        size = sum(t.numel() * t.element_size() for t in io.adapter_state_dict(model, inner).values())
+        size = sum(t.numel() * t.element_size() for t in weights.values())
         return size, head
 
     # -- eviction ---------------------------------------------------------------------------------
@@ -221,6 +269,7 @@ class Registry:
         ``keep``: the source just loaded, for the request that is about to use it."""
         for entry in self._victims(keep):
             del self.loaded[entry.source]
+            self.refs.discard(entry.source)  # a reference a request named is served while loaded only
             await asyncio.wrap_future(self.runner.call(lambda model, n=entry.inner: adapters.delete_adapter(model, n)))
             self.on_event("eviction")
 
@@ -237,6 +286,10 @@ class Registry:
             victims.append(entry)
             count, size = count - 1, size - entry.size
         return victims
+
+    def close(self) -> None:
+        """Stop the hub downloads that wait (those running end with their own timeouts)."""
+        self.fetches.shutdown(wait=False, cancel_futures=True)
 
     def resident(self) -> dict[str, int]:
         """Loaded sources and their weight bytes."""

@@ -104,7 +104,7 @@ class Classify(Inputs):
 class NewAdapter(Body):
     """``POST /admin/adapters``: serve ``source`` (a folder on the server, or ``hub:owner/name@tag``) as ``name``."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")]
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
     source: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
