@@ -98,6 +98,50 @@ def test_mixed_load_equals_each_request_alone_bit_for_bit(llama, engine):
     assert len({tuple(t) for t in by_adapter.values()}) >= 4  # the adapters do change the answers
 
 
+def test_decoding_steps_attend_all_rows_at_once_and_equal_alone_bit_for_bit(monkeypatch):
+    """Without attention prefixes a decoding step attends every row in one batched computation over the slot
+    cache (attention.decode_all). Each request equals itself served alone to the bit and transformers'
+    generate in its tokens, also beside a neighbour whose 300-token prompt spans two cache chunks."""
+    from adapterkit.serve import attention
+
+    real, calls = attention.decode_all, []
+
+    def counted(*args):
+        calls.append(args[1].shape[0])  # the cache's chunks this step
+        return real(*args)
+
+    monkeypatch.setattr(attention, "decode_all", counted)
+    model = chat_llama(eos_token_id=None)
+    for name, (method, options) in KINDS.items():
+        if name != "prefix":
+            ak.add_adapter(model, name, method, **options)
+    randomize_adapters(model, std=1.0)
+    tok = tokenizer()
+    tok.eos_token = None
+    e = Engine(model, tok, max_batch=4)
+    e.start()
+    try:
+        names = ["lora", "ia3", None, "pfeiffer", "houlsby", "prompt", "lora8"]
+        work = list(zip(prompts(len(names), seed=5), names, strict=True))
+        alone = [serve(e, p, a, max_tokens=6)[:2] for p, a in work]
+        long = e.submit(prompts(1, seed=9)[0] * 60, "lora", Sampling(max_tokens=40))  # > 256 positions
+        first_chunk(long)
+        streams = [e.submit(p, a, Sampling(max_tokens=6)) for p, a in work]
+        together = [(s.result()[1].finish_reason and s.tokens, s.logprobs) for s in streams]
+        assert long.result()[1].finish_reason == "length" and len(long.tokens) == 40
+        assert together == alone
+        for (prompt, adapter), (tokens, _) in zip(work, alone, strict=True):
+            ak.set_active(model, adapter)
+            with torch.no_grad():
+                reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
+            ak.set_active(model, None)
+            assert reference[0, len(prompt) :].tolist() == tokens, adapter
+    finally:
+        e.stop()
+    assert max(calls) >= 2  # the short ones decoded beside a two-chunk neighbour
+
+
 def test_continuous_batching_a_short_request_overtakes_a_long_one(engine):
     e = engine(max_batch=2)
     long = e.submit(prompts(1)[0], "lora", Sampling(max_tokens=1500))  # seconds of decoding: margin on a slow box

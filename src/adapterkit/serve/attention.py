@@ -1,11 +1,18 @@
-"""Attention over per-sequence KV caches, so that no sequence ever sees another's padding.
+"""Attention over the engine's KV cache (:mod:`.kv_cache`), so that no sequence ever sees another's
+padding and no row's result depends on the others.
 
 The engine runs a decoder with ``config._attn_implementation`` switched to ``adapterkit_serve`` (an
 ``AttentionInterface`` function registered here) for the length of one forward. That function gets the
-layer's new keys and values for every row of the batch, appends each row's to its own sequence's cache
-and attends row by row, calling the model's own attention function (sdpa, eager, or adapterkit's prefix
-attention) on one sequence at a time. A row's attention therefore has the shapes it has when the sequence
-runs alone: no padding, no mask built from other rows, no reduction whose length depends on the batch.
+layer's new keys and values for every row of the batch and writes them into each row's slot. Then:
+
+* **a decoding step** (one new position per row, the plain sdpa or eager model): all rows at once,
+  :func:`decode_all`: per chunk of the cache a batched ``q K^T``, the positions past a row's end masked,
+  and the chunks combined by an online softmax in a fixed order. A row's arithmetic has the same shapes
+  whatever the batch holds (the step always has ``max_batch`` rows); a chunk past a row's end adds exact
+  zeros (its max is -inf: weight 0, sum 0, output 0), so more chunks for a longer neighbour change no bit;
+* **a prefill**, or a model with attention prefixes (adapterkit's own attention function, one adapter per
+  call): row by row, each row's query against its own keys through the model's attention function, with
+  the shapes it has when the sequence runs alone.
 
 transformers builds no mask for an implementation without a registered mask function, and the model's
 ``cache`` argument is a :class:`StepCache` that stores nothing (the attention function does): its
@@ -28,60 +35,53 @@ from torch import nn
 from adapterkit.core import state as st
 from adapterkit.core.composition import Stack
 from adapterkit.errors import AdapterError
+from adapterkit.serve.kv_cache import CHUNK, SlotCache
 
 NAME = "adapterkit_serve"
 INNER = ("sdpa", "eager", "adapterkit_sdpa", "adapterkit_eager")  # attention functions we can run per sequence
 
 
-class KV:
-    """One sequence's keys and values, per layer ``(1, kv_heads, capacity, head_dim)``, grown by doubling."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.length = 0  # positions committed (a forward's writes count once it succeeded)
-
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``key``/``value`` (1, kv, T, hd) after the committed positions; return all keys and values."""
-        end = self.length + key.shape[2]
-        keys, values = self._room(layer, key, end)
-        keys[:, :, self.length : end] = key
-        values[:, :, self.length : end] = value
-        return keys[:, :, :end], values[:, :, :end]
-
-    def _room(self, layer: int, key: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        stored = self.layers.get(layer)
-        if stored is not None and stored[0].shape[2] >= end:
-            return stored
-        size = max(self.capacity, 2 * end if stored is not None else end)
-        new = tuple(key.new_zeros(1, key.shape[1], size, key.shape[3]) for _ in range(2))
-        if stored is not None:  # only committed positions are worth keeping
-            for old, fresh in zip(stored, new, strict=True):
-                fresh[:, :, : self.length] = old[:, :, : self.length]
-        self.layers[layer] = new
-        return new
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.layers.values() for t in pair)
-
-
 @dataclasses.dataclass
 class Row:
-    """One sequence's row in a forward: its cache and the adapter it runs (None: the base model)."""
+    """One sequence's row in a forward: its slot in the cache and the adapter it runs (None: the base model)."""
 
-    kv: KV
+    slot: int
     adapter: str | None
 
 
 @dataclasses.dataclass
 class Step:
     """What the attention function needs during one forward: the rows (None: a dummy row, whose output is
-    discarded), the model's own attention implementation, and its adapterkit state (for prefixes)."""
+    discarded), the cache, the model's own attention implementation, and its adapterkit state (prefixes).
+
+    A decoding step (``decode``) has one row per slot, row ``i`` in slot ``i``; its write positions and masks
+    are built once here, not in every layer."""
 
     rows: list[Row | None]
-    inner: str
+    cache: SlotCache
+    decode: bool = False
+    inner: str = ""
     state: Any = None
     written: int = 0  # positions each row's cache got in this forward
+    where: tuple[torch.Tensor, ...] = ()  # decode: the (chunk, slot, offset) of each row's new position
+    past: list[torch.Tensor] = dataclasses.field(default_factory=list)  # decode: per chunk, positions past a row's end
+
+    def __post_init__(self) -> None:
+        if self.decode:
+            self._plan()
+
+    def _plan(self) -> None:
+        """Each row writes at its length (a dummy row at its slot's, uncommitted, position)."""
+        lengths = torch.tensor(self.cache.lengths)
+        self.cache.reserve(int(lengths.max()) + 1)
+        slots = torch.arange(len(lengths))
+        self.where = (lengths // CHUNK, slots, lengths % CHUNK)
+        positions = torch.arange(-(-(int(lengths.max()) + 1) // CHUNK) * CHUNK)
+        past = (positions[None] > lengths[:, None])[:, None, None]  # (rows, 1, 1, positions)
+        self.past = list(past.split(CHUNK, dim=-1))
+
+    def start(self, row: Row) -> int:
+        return self.cache.lengths[row.slot]
 
 
 _CURRENT = threading.local()
@@ -102,16 +102,27 @@ class StepCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The longest committed cache: 0 in a prefill, so prompt tuning inserts its prompt then only."""
-        return max((row.kv.length for row in self.step.rows if row is not None), default=0)
+        return max((self.step.start(row) for row in self.step.rows if row is not None), default=0)
 
 
 def serve_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-    """Each row's query against its own sequence's cache, through the model's attention function."""
+    """Each row's query against its own sequence's cache: all rows at once in a decoding step of a plain
+    model, else row by row through the model's attention function."""
     step = current()
     if step is None:  # another thread called the model during an engine forward: plain sdpa
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    step.written = key.shape[2]
+    if step.decode and not step.inner.startswith("adapterkit_"):
+        step.cache.write_all(module.layer_idx, step.where, key, value)
+        keys, values = step.cache.layers[module.layer_idx]
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return decode_all(query, keys, values, step.past, scaling), None
+    return _row_by_row(step, module, query, key, value, *args, **kwargs), None
+
+
+def _row_by_row(step: Step, module: nn.Module, query, key, value, *args, **kwargs) -> torch.Tensor:
     attend = _inner(step.inner, module)
     per_row = step.state is not None and step.inner.startswith("adapterkit_")  # prefixes: one adapter per call
     dummy = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
@@ -120,7 +131,9 @@ def serve_attention(module: nn.Module, query, key, value, attention_mask, *args,
         if row is None:
             outs.append(dummy)
             continue
-        keys, values = row.kv.write(module.layer_idx, key[i : i + 1], value[i : i + 1])
+        start = step.start(row)
+        step.cache.write(module.layer_idx, row.slot, start, key[i : i + 1], value[i : i + 1])
+        keys, values = step.cache.read(module.layer_idx, row.slot, start + key.shape[2])
         # a copy, so that a row's query is laid out alike wherever it sits in the batch
         q = query[i : i + 1].contiguous()
         mask = _causal_mask(step.inner, q, keys)
@@ -130,8 +143,36 @@ def serve_attention(module: nn.Module, query, key, value, attention_mask, *args,
         else:
             out, _ = attend(module, q, keys, values, mask, *args, **kwargs)
         outs.append(out)
-    step.written = key.shape[2]
-    return torch.cat(outs), None
+    return torch.cat(outs)
+
+
+def decode_all(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: list[torch.Tensor], scaling: float
+) -> torch.Tensor:
+    """Every row's one query against its slot's cache: ``query`` (rows, heads, 1, hd), ``keys``/``values``
+    (chunks, rows, kv_heads, CHUNK, hd), ``past[c]`` (rows, 1, 1, CHUNK) true past a row's end; returns
+    (rows, 1, heads, hd) as transformers' attention functions do.
+
+    Grouped-query heads share their kv head by a reshape (no copy of the cache); chunk ``c``'s scores,
+    maximum ``m_c``, weights ``exp(s - m_c)``, their sum and weighted values are combined in chunk order.
+    A chunk wholly past a row's end has ``m_c = -inf``: its weight ``exp(m_c - m)`` is exactly 0."""
+    rows, heads, _, hd = query.shape
+    q = query.reshape(rows, keys.shape[2], heads // keys.shape[2], hd)  # (rows, kv, group, hd)
+    out = total = top = None
+    for c, beyond in enumerate(past):
+        scores = torch.matmul(q, keys[c].transpose(-1, -2)).mul_(scaling).masked_fill_(beyond, float("-inf"))
+        peak = scores.amax(dim=-1, keepdim=True)  # (rows, kv, group, 1)
+        safe = peak.masked_fill(peak == float("-inf"), 0.0)
+        weights = torch.exp(scores - safe)
+        part, mass = torch.matmul(weights, values[c]), weights.sum(dim=-1, keepdim=True)
+        if out is None:  # chunk 0 holds position 0 of every row: never wholly masked
+            out, total, top = part, mass, peak
+            continue
+        new_top = torch.maximum(top, peak)
+        old_scale = torch.exp(top - new_top)
+        scale = torch.exp(safe - new_top).masked_fill_(peak == float("-inf"), 0.0)
+        out, total, top = out * old_scale + part * scale, total * old_scale + mass * scale, new_top
+    return (out / total).reshape(rows, heads, hd)[:, None]
 
 
 def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
@@ -184,7 +225,8 @@ def check_model(model: nn.Module, context: int) -> None:
 
 @contextlib.contextmanager
 def engine_forward(model: nn.Module, step: Step) -> Iterator[StepCache]:
-    """For one forward: the model's attention switched to :func:`serve_attention`, ``step`` current."""
+    """For one forward: the model's attention switched to :func:`serve_attention`, ``step`` current; on
+    success, each row's cache commits the positions it got."""
     _register()
     config = model.config
     step.inner = config._attn_implementation
@@ -196,6 +238,9 @@ def engine_forward(model: nn.Module, step: Step) -> Iterator[StepCache]:
     finally:
         config._attn_implementation = step.inner
         _CURRENT.step = None
+    for row in step.rows:
+        if row is not None:
+            step.cache.lengths[row.slot] += step.written
 
 
 def _register() -> None:

@@ -159,7 +159,8 @@ class Engine:
         with self._cond:
             running = [r for _, r in self.scheduler.running()]
             out = {"running": len(running), "queued": len(self.scheduler.waiting), **self._stats}
-        out["kv_bytes"] = sum(r.kv.nbytes() for r in running if r.kv is not None)
+        out["kv_bytes"] = self.runner.cache.used_bytes()
+        out["kv_allocated_bytes"] = self.runner.cache.nbytes()
         for key in ("steps", "tokens_generated", "prompt_tokens", "last_batch_size", "prefills"):
             out.setdefault(key, 0)
         return {k: float(v) for k, v in out.items()}
@@ -242,7 +243,7 @@ class Engine:
     def _prefill(self, slot: int, request: Request) -> None:
         started = time.monotonic()
         try:
-            logits = self.runner.prefill(request)
+            logits = self.runner.prefill(slot, request)
         except Exception as e:  # noqa: BLE001 (the request's own adapter, or prompt, failed: only it ends)
             self._finish(slot, request, "error", *failure(request.adapter, e))
             return
@@ -315,6 +316,7 @@ class Engine:
     ) -> None:
         """End a running request: free its slot and cache, send its last chunk."""
         self.scheduler.free(slot)
+        self.runner.release(slot)
         self._end(request, reason, error, code, text)
 
     def _end(

@@ -17,7 +17,8 @@ from torch import nn
 from adapterkit.core import adapters
 from adapterkit.core import state as st
 from adapterkit.core.composition import PerRow, Stack
-from adapterkit.serve.attention import KV, Row, Step, engine_forward
+from adapterkit.serve.attention import Row, Step, engine_forward
+from adapterkit.serve.kv_cache import SlotCache
 from adapterkit.serve.scheduler import Request
 
 Logits = list[torch.Tensor | None]  # per row: the last position's logits, or None (a dummy or failed row)
@@ -29,18 +30,24 @@ class Runner:
     def __init__(self, model: nn.Module, max_batch: int) -> None:
         self.model, self.max_batch = model, max_batch
         self.device = next(model.parameters()).device
+        self.cache = SlotCache(max_batch)
 
-    def prefill(self, request: Request) -> torch.Tensor:
-        """The prompt alone through the model and its adapter: the last position's logits (vocab,)."""
-        request.kv = KV(len(request.prompt) + request.sampling.max_tokens)
+    def prefill(self, slot: int, request: Request) -> torch.Tensor:
+        """The prompt alone through the model and its adapter, into ``slot``: the last position's logits."""
+        self.cache.reset(slot)
+        self.cache.reserve(len(request.prompt) + request.sampling.max_tokens + 1)
         ids = torch.tensor([request.prompt], device=self.device)
         positions = torch.arange(len(request.prompt), device=self.device)[None]
-        return self.forward([Row(request.kv, request.adapter)], ids, positions)[0]
+        return self.forward([Row(slot, request.adapter)], ids, positions)[0]
+
+    def release(self, slot: int) -> None:
+        """``slot``'s sequence ended: its positions are free (zeroed when the next sequence takes it)."""
+        self.cache.lengths[slot] = 0
 
     def decode(self, slots: list[Request | None]) -> tuple[Logits, dict[int, Exception]]:
         """One token for every running sequence in one forward of ``len(slots)`` rows: the logits per row,
         and the rows whose adapter failed (then the others ran again without them, :meth:`isolate`)."""
-        rows = [Row(r.kv, r.adapter) if r is not None else None for r in slots]
+        rows = [Row(i, r.adapter) if r is not None else None for i, r in enumerate(slots)]
         ids = torch.tensor([[r.stream.tokens[-1] if r else 0] for r in slots], device=self.device)
         positions = torch.tensor([[r.position if r else 0] for r in slots], device=self.device)
         try:
@@ -69,14 +76,12 @@ class Runner:
         return logits, failed
 
     def forward(self, rows: list[Row | None], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The last position's logits (rows, vocab) in float32; commits what each row's cache got."""
-        step = Step(rows, inner="")
+        """The last position's logits (rows, vocab) in float32; commits what each row's cache got. A forward
+        of one position per slot is a decoding step (every row attends at once)."""
+        step = Step(rows, self.cache, decode=ids.shape == (self.max_batch, 1))
         setup = self.setup([r.adapter if r else None for r in rows])
         with torch.inference_mode(), setup, engine_forward(self.model, step) as cache:
             out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        for row in rows:
-            if row is not None:
-                row.kv.length += step.written
         return out.logits[:, -1].float()
 
     def setup(self, names: list[str | None]):

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-from adapterkit.serve.attention import KV
 from adapterkit.serve.detokenizer import TextDeltas
 from adapterkit.serve.sampler import Sampling
 from adapterkit.serve.stream import QueueFull, Stream
@@ -30,7 +29,6 @@ class Request:
     stream: Stream
     text: TextDeltas
     generator: torch.Generator | None = None
-    kv: KV | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -73,10 +71,7 @@ class Scheduler:
         return [(i, r) for i, r in self.running() if r.stream.cancelled]
 
     def free(self, slot: int) -> None:
-        """Slot ``slot`` is free again (its request ended); its cache goes with it."""
-        request = self.slots[slot]
-        if request is not None:
-            request.kv = None
+        """Slot ``slot`` is free again (its request ended)."""
         self.slots[slot] = None
 
     def requests(self) -> list[Request]:
