@@ -1,11 +1,18 @@
 """The hub client against hostile hubs: an HTTP server started by the test answers what each test says
 (revision ids that are paths, files that do not hash to their revision, endless bodies, redirects to
 another origin). Whatever a hub answers, nothing outside the cache is written or removed, nothing
-unverified is kept, memory stays bounded and the token stays with its origin."""
+unverified is kept, memory stays bounded and the token stays with its origin; with ``max_bytes`` nothing
+is downloaded past the limit, with ``same_origin`` no other origin is called. A pulled file is stored
+once (hard links), and ``sweep`` removes only the stale temporary files a killed download left."""
 
 import contextlib
+import errno
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -344,3 +351,192 @@ def test_a_listing_whose_paths_cannot_all_exist_is_refused(hostile, cache):
     hostile.serve("eve/tree", {"a.json": b"{}", "a.json/b.json": b"{}"})
     with pytest.raises(ak.AdapterError, match="both a file and a folder"):
         client.pull("eve/tree", hostile.url)
+
+
+def cache_files(root: Path) -> list[Path]:
+    return [p for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()]
+
+
+def test_max_bytes_refuses_a_revision_before_any_file_is_downloaded(hostile, cache):
+    revision = hostile.serve("eve/big", FILES)
+    total = sum(len(data) for data in FILES.values())
+    with pytest.raises(ak.AdapterError, match=f"take {total} bytes, over the limit of {total - 1} bytes"):
+        client.pull("eve/big", hostile.url, max_bytes=total - 1)
+    assert not [path for path, _ in hostile.seen if "/resolve/" in path]  # no file was asked for
+    assert cache_files(cache) == []  # no blob, no revision folder, no tag
+    assert client.pull("eve/big", hostile.url, max_bytes=total) == client._place(hostile.url, "eve/big") / revision
+    # A revision pulled before is held to the limit too (a server's limit holds whatever its cache has).
+    with pytest.raises(ak.AdapterError, match="over the limit"):
+        client.pull(f"eve/big@{revision}", hostile.url, max_bytes=total - 1)
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes ``root``'s files take on disk, a file with several names counted once (as ``du`` counts)."""
+    inodes = {(s.st_dev, s.st_ino): s.st_blocks * 512 for p in root.rglob("*") if (s := p.lstat()) and p.is_file()}
+    return sum(inodes.values())
+
+
+def test_a_pulled_file_is_stored_once(hostile, cache):
+    big = {**FILES, "adapter.safetensors": bytes(range(256)) * 8192}  # 2 MiB
+    revision = hostile.serve("eve/once", big)
+    folder = client.pull("eve/once", hostile.url)
+    blob = client.cache_root() / "blobs" / hashlib.sha256(big["adapter.safetensors"]).hexdigest()
+    pulled = folder / "adapter.safetensors"
+    assert pulled.stat().st_ino == blob.stat().st_ino and pulled.stat().st_nlink == 2
+    assert pulled.read_bytes() == big["adapter.safetensors"]
+    assert disk_usage(cache) < 1.2 * len(big["adapter.safetensors"])  # was 2x: blob and copy
+    assert not pulled.stat().st_mode & 0o222  # read-only: a write through one name would change all
+    # Another revision holding the same file links the same bytes.
+    other = hostile.serve("eve/other", big, card={"method": "lora", "license": "mit"})
+    assert (client.pull("eve/other", hostile.url) / "adapter.safetensors").stat().st_ino == blob.stat().st_ino
+    assert other != revision and disk_usage(cache) < 1.2 * len(big["adapter.safetensors"])
+
+
+def test_a_disk_that_cannot_link_gets_a_copy(hostile, cache, monkeypatch):
+    def cannot(*args, **kwargs) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    hostile.serve("eve/copy", FILES)
+    monkeypatch.setattr(os, "link", cannot)
+    folder = client.pull("eve/copy", hostile.url)
+    assert {p: (folder / p).read_bytes() for p in FILES} == FILES
+    blob = client.cache_root() / "blobs" / hashlib.sha256(FILES["adapter.safetensors"]).hexdigest()
+    assert (folder / "adapter.safetensors").stat().st_ino != blob.stat().st_ino
+
+
+def test_same_origin_follows_no_redirect_away_from_the_hub(hostile, cache):
+    elsewhere = Hostile()  # 127.0.0.1 as well, another port: another origin
+    try:
+        revision = elsewhere.serve("eve/away", FILES)
+        hostile.serve("eve/away", FILES)
+        away = f"{elsewhere.url}/api/adapters/eve/away"
+        # Each answer the client asks for (card, file listing, file), redirected away, directly or after a
+        # redirect within the hub.
+        routes = {
+            "/api/adapters/eve/away": (302, {"Location": away}, b""),
+            f"/api/models/eve/away/tree/{revision}": (307, {"Location": "/hop"}, b""),
+            f"/eve/away/resolve/{revision}/adapter_config.json": (302, {"Location": f"{elsewhere.url}/x.json"}, b""),
+        }
+        for route, answer in routes.items():
+            hostile.serve("eve/away", FILES)
+            hostile.routes[route] = answer
+            hostile.routes["/hop"] = (302, {"Location": f"{elsewhere.url}{route}"}, b"")
+            with pytest.raises(ak.AdapterError, match=f"redirected to {elsewhere.url}.*another origin") as e:
+                client.pull("eve/away", hostile.url, token=TOKEN, same_origin=True)
+            assert not isinstance(e.value, client.HubUnreachable)  # not an offline hub: no cache fallback
+            assert elsewhere.seen == []  # the other origin was never called
+            assert not (client.cache_root() / "blobs").exists() or not [
+                p for p in (client.cache_root() / "blobs").iterdir() if p.name.startswith(".tmp-")
+            ]
+        assert not client._place(hostile.url, "eve/away").exists()  # nothing of the revision was kept
+        # Within the origin, redirects are followed and keep the token.
+        hostile.serve("eve/here", FILES)
+        hostile.routes["/api/adapters/eve/moved"] = (307, {"Location": "/api/adapters/eve/here"}, b"")
+        assert client.card("eve/moved", hostile.url, token=TOKEN, same_origin=True)["name"] is None
+        assert hostile.seen[-1][0] == "/api/adapters/eve/here"
+        assert hostile.seen[-1][1].get("Authorization") == f"Bearer {TOKEN}"
+        # By default one is followed, without the token (test_the_token_stays_with_its_origin).
+        hostile.routes["/api/adapters/eve/away"] = (302, {"Location": away}, b"")
+        assert client.card("eve/away", hostile.url, token=TOKEN)["revision"] == revision
+        assert "Authorization" not in elsewhere.seen[-1][1]
+    finally:
+        elsewhere.close()
+
+
+def test_the_same_origin_check_knows_default_ports():
+    assert client.same_origin_as("http://hub.example/a", "http://HUB.example:80/b")
+    assert client.same_origin_as("https://hub.example/a", "https://hub.example:443/b")
+    assert not client.same_origin_as("http://hub.example/a", "https://hub.example/a")
+    assert not client.same_origin_as("http://127.0.0.1:8765/a", "http://127.0.0.1:8766/a")
+    assert not client.same_origin_as("http://127.0.0.1:8765/a", "http://localhost:8765/a")
+
+
+def stale(path: Path, seconds: float = 7200) -> Path:
+    """``path`` (a link itself, not its target) as last changed ``seconds`` ago."""
+    past = time.time() - seconds
+    os.utime(path, (past, past), follow_symlinks=False)
+    return path
+
+
+def test_sweep_removes_only_stale_temporary_files_the_library_wrote(cache, tmp_path):
+    blobs = client.cache_root() / "blobs"
+    blobs.mkdir(parents=True)
+    old = blobs / ".tmp-0123456789abcdef"  # a download killed two hours ago
+    old.write_bytes(b"half a download")
+    stale(old)
+    fresh = blobs / ".tmp-fedcba9876543210"  # another process's download in progress
+    fresh.write_bytes(b"being written")
+    kept = {
+        "user": blobs / "notes.txt",
+        "near miss": blobs / ".tmp-notes",
+        "blob": blobs / hashlib.sha256(b"x").hexdigest(),
+        "folder": blobs / ".tmp-00000000000000aa",
+    }
+    kept["user"].write_text("mine")
+    kept["near miss"].write_text("mine too")
+    kept["blob"].write_bytes(b"x")
+    kept["folder"].mkdir()
+    outside = tmp_path / "thesis.tex"
+    outside.write_text("years of work")
+    kept["link"] = blobs / ".tmp-00000000000000bb"
+    kept["link"].symlink_to(stale(outside))
+    for path in kept.values():
+        stale(path)
+    assert client.sweep() == 1
+    assert not old.exists() and fresh.exists() and outside.read_text() == "years of work"
+    assert all(path.is_symlink() or path.exists() for path in kept.values())
+    assert client.sweep() == 0
+    assert client.sweep(older_than=0) == 1 and not fresh.exists()
+    with pytest.raises(ak.AdapterError, match="0 or more"):
+        client.sweep(older_than=-1)
+
+
+def test_sweep_without_a_cache_removes_nothing(cache):
+    assert client.sweep() == 0 and not cache.exists()
+
+
+def test_sweep_clears_what_a_sigkilled_download_left(hostile, cache):
+    def stalls(out) -> None:  # declares the whole file, sends none of it
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            time.sleep(0.05)
+
+    length = str(len(FILES["adapter_config.json"]))
+    hostile.serve("eve/killed", FILES, bodies={"adapter_config.json": (200, {"Content-Length": length}, stalls)})
+    code = "import sys; from adapterkit.hub import client; client.pull('eve/killed', sys.argv[1])"
+    env = {**os.environ, "ADAPTERKIT_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-c", code, hostile.url], env=env)
+    blobs = client.cache_root() / "blobs"
+    deadline = time.time() + 30
+    while time.time() < deadline and not (blobs.is_dir() and list(blobs.glob(".tmp-*"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list(blobs.glob(".tmp-*"))
+    assert len(left) == 1  # what a killed writer leaves: atomic_file had no chance to remove it
+    assert client.sweep() == 0  # as fresh as a download in progress in another process
+    stale(left[0])
+    assert client.sweep() == 1 and not list(blobs.glob(".tmp-*"))
+
+
+def short(out) -> None:  # declares 8 bytes, sends 3 and hangs up
+    out.write(b'{"x')
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (200, {}, b'{"x": 3}'),  # the declared size, other bytes
+        (200, {"Content-Length": "8"}, short),  # a transfer broken off
+        (200, {"Connection": "close"}, b'{"x": 1}   '),  # too long
+    ],
+)
+def test_a_failed_pull_keeps_nothing_unverified(hostile, cache, answer):
+    """A pull that fails leaves no revision folder, no tag and no temporary file; only blobs whose name is
+    the sha256 of their bytes (files verified before the failure, which a retry reuses)."""
+    hostile.serve("eve/fail", FILES, bodies={"adapter_config.json": answer})
+    with pytest.raises(ak.AdapterError):
+        client.pull("eve/fail", hostile.url)
+    for path in cache_files(cache):
+        assert path.parent == client.cache_root() / "blobs", path
+        assert path.name == hashlib.sha256(path.read_bytes()).hexdigest(), path

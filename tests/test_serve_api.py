@@ -34,6 +34,7 @@ from adapterkit.serve.registry import AdapterUnavailable, Bounds, Direct, Regist
 from conftest import make_model
 from serve_fakes import FakeEngine, Running, Sampling, words
 from test_chat import tokenizer
+from test_hub_client import FILES, Hostile
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -615,3 +616,30 @@ def test_an_adapter_with_non_finite_weights_is_refused_when_it_loads(tmp_path):
     with pytest.raises(AdapterUnavailable, match="NaN or inf"):
         asyncio.run(load())
     assert not ak.list_adapters(engine.model) and registry.listed() == {}
+
+
+def test_the_server_pulls_within_its_byte_bound_and_never_off_the_hubs_origin(tmp_path, monkeypatch):
+    """A hostile hub: a revision over the operator's --max-adapter-mb is refused before a file is fetched; a
+    redirect to another origin (e.g. the server's own loopback API) is refused without calling it."""
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
+    hub, elsewhere = Hostile(), Hostile()
+    try:
+        hub.serve("eve/big", FILES)
+        hub.serve("eve/away", FILES)
+        hub.routes["/api/adapters/eve/away"] = (302, {"Location": f"{elsewhere.url}/v1/models"}, b"")
+        total = sum(map(len, FILES.values()))
+        registry = Registry(FakeEngine(make_model("llama")), {}, Bounds(max_bytes=total - 1), hub.url)
+
+        async def load(ref: str) -> None:
+            async with registry.use(ref):
+                pass
+
+        with pytest.raises(AdapterUnavailable, match="over the limit"):
+            asyncio.run(load("hub:eve/big"))
+        assert not [path for path, _ in hub.seen if "/resolve/" in path]
+        with pytest.raises(AdapterUnavailable, match="another origin"):
+            asyncio.run(load("hub:eve/away"))
+        assert elsewhere.seen == []
+    finally:
+        hub.close()
+        elsewhere.close()

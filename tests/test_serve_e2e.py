@@ -107,3 +107,22 @@ def test_a_config_without_architectures_is_served_by_its_type(folder, tmp_path):
     config.pop("architectures", None)
     (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
     assert load(str(tmp_path / "bert"))[2] == ENCODER  # BERT has a causal-LM class too, but a masked-LM one
+
+
+def test_a_bf16_base_serves_fp32_adapters_and_answers_as_in_process(folder):
+    """``serve --dtype bf16``: the base's weights in bf16, the adapters as saved (fp32); greedy answers over
+    HTTP equal ak.generate on the same bf16 model with the same adapter."""
+    root, _ = folder
+    app = build(str(root / "llama"), Options(adapters={"a0": str(root / "a0"), "a1": str(root / "a1")}, dtype="bf16"))
+    engine = app.state.s.engine
+    assert engine.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    server = Running(app)
+    try:
+        answers = {name: ask(server, name, QUESTIONS[0]) for name in ("llama", "a0", "a1")}
+    finally:
+        server.stop()
+    reference = T.AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.bfloat16).eval()
+    for name in ("a0", "a1"):
+        ak.load_adapter(reference, root / name, name)
+    expected = {name: in_process(reference, None if name == "llama" else name, QUESTIONS[0]) for name in answers}
+    assert answers == expected and len(set(answers.values())) > 1

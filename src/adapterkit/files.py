@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -27,13 +28,19 @@ from adapterkit.errors import AdapterError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+_TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{16}")  # atomic_file's temporary name: token_hex(8) is 16 hex digits
+
+
+def is_atomic_temp(name: str) -> bool:
+    """Whether ``name`` is one :func:`atomic_file` gives its temporary file (what a killed writer leaves)."""
+    return _TEMP_FILE.fullmatch(name) is not None
 
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: it replaces ``path`` only when the block ends without
     an exception (fsynced, renamed, folder fsynced); otherwise it is removed and ``path`` is untouched."""
-    tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
+    tmp = path.parent / f".tmp-{secrets.token_hex(8)}"  # the name is_atomic_temp knows
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as f:

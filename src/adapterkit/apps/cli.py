@@ -294,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, args.request_timeout)
     options = Options(adapters, args.hub, args.allow_hub_refs, args.api_key_file, args.max_batch, args.max_queue,
                       args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits,
-                      public_metrics=args.public_metrics)  # fmt: skip
+                      public_metrics=args.public_metrics, dtype=args.dtype, quantize=args.quantize)  # fmt: skip
     print(f"adapterkit serve on http://{args.host}:{args.port}/v1 ({args.model}, {len(adapters)} adapters)")
     serve(args.model, options, args.host, args.port)
 
@@ -566,6 +566,8 @@ def _serve_parser(sub) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key-file", help="API keys, one a line (kept hashed); without it no key is needed")
     v.add_argument("--public-metrics", action="store_true", help="/metrics and /openapi.json need no API key")
+    v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="the base model's weights")
+    v.add_argument("--quantize", choices=["int8", "int4"], help="the base's Linear weights in int8/int4 (torchao)")
     v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; past it 429")
     v.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one sequence")

@@ -16,7 +16,7 @@ from typing import Any
 
 from adapterkit.hub.safety import HubError
 
-_CLIENT = ("card", "delete", "pull", "push", "search")
+_CLIENT = ("card", "delete", "pull", "push", "search", "sweep")
 __all__ = ["HubError", *_CLIENT]
 
 

@@ -5,9 +5,12 @@
 :mod:`.protocol`'s schemas, a revision's id is recomputed from its card and manifest (so a pinned
 revision means the same bytes whatever the hub sends), every file is streamed to disk, hashed on the
 way and cut at its declared size, and nothing is written or removed outside the cache, whatever a
-hub answers. Files are stored once under ``$ADAPTERKIT_CACHE/hub/blobs/<sha256>`` and copied into
-``hub/<host>/<owner>/<name>/<revision>/``; tags and cards are cached too, so an adapter pulled once
-loads offline. The token goes to the hub's origin only, never to where a redirect points elsewhere.
+hub answers. Files are stored once under ``$ADAPTERKIT_CACHE/hub/blobs/<sha256>`` (read-only) and
+hard-linked into ``hub/<host>/<owner>/<name>/<revision>/`` (copied only where the disk cannot link);
+tags and cards are cached too, so an adapter pulled once loads offline. The token goes to the hub's
+origin only, never to where a redirect points elsewhere; with ``same_origin=True`` such a redirect is
+refused. ``max_bytes`` refuses a revision by its declared size before any file is downloaded, and
+:func:`sweep` removes the temporary files a killed download left.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,7 +33,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from adapterkit.errors import AdapterError, shown
-from adapterkit.files import atomic_file, cache_dir, write_atomically, write_folder
+from adapterkit.files import atomic_file, cache_dir, is_atomic_temp, write_atomically, write_folder
 from adapterkit.hub.protocol import (
     REVISION,
     REVISION_PREFIX,
@@ -50,6 +54,7 @@ DEFAULT_HUB = "http://127.0.0.1:8765"
 SHARED = (".safetensors", ".json")
 MAX_ANSWER = 16 * 2**20  # a JSON answer (parsed, it can take ~25x this in memory); a card is well under 1 MB
 CHUNK = 2**20
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def hub_url(url: str | None = None) -> str:
@@ -78,33 +83,64 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
 
 
+def same_origin_as(a: str, b: str) -> bool:
+    """Whether two URLs share scheme, host and port (``http://h`` and ``http://h:80`` do)."""
+    (scheme_a, host_a, port_a), (scheme_b, host_b, port_b) = origin(a), origin(b)
+    port_a, port_b = port_a or DEFAULT_PORTS.get(scheme_a), port_b or DEFAULT_PORTS.get(scheme_b)
+    return (scheme_a, host_a, port_a) == (scheme_b, host_b, port_b)
+
+
 class Redirects(urllib.request.HTTPRedirectHandler):
     """Follow at most 5 redirects (urllib: to http, https or ftp only); the token stays with the origin it
-    was meant for (urllib would send it on to any host a redirect names)."""
+    was meant for (urllib would send it on to any host a redirect names). ``same_origin``: a redirect
+    that leaves the origin is refused before its URL is called (each hop is checked, so the whole chain
+    stays with the origin of the first request)."""
 
     max_redirections = 5
 
+    def __init__(self, same_origin: bool = False) -> None:
+        super().__init__()
+        self.same_origin = same_origin
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        if self.same_origin and not same_origin_as(newurl, req.full_url):
+            fp.close()  # urllib closes it only when it follows the redirect
+            raise AdapterError(
+                f"the hub at {shown(req.full_url)[:300]} redirected to {shown(newurl)[:300]}, another origin: "
+                "refused (same_origin=True follows redirects within the hub's scheme, host and port only)"
+            )
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and origin(newurl) != origin(req.full_url):
+        if new is not None and not same_origin_as(newurl, req.full_url):
             new.remove_header("Authorization")
         return new
 
 
-OPENER = urllib.request.build_opener(Redirects)
+OPENER = urllib.request.build_opener(Redirects(same_origin=False))
+SAME_ORIGIN_OPENER = urllib.request.build_opener(Redirects(same_origin=True))  # both immutable: no state to share
 
 
-def _open(method: str, url: str, data: bytes | None = None, token: str | None = None, timeout: float = 60):
-    """Send one request; an error status becomes :class:`HubRequestError` with the hub's reason."""
+def _open(
+    method: str,
+    url: str,
+    data: bytes | None = None,
+    token: str | None = None,
+    timeout: float = 60,
+    *,
+    same_origin: bool = False,
+):
+    """Send one request; an error status becomes :class:`HubRequestError` with the hub's reason.
+    ``same_origin``: refuse (AdapterError) a redirect that leaves ``url``'s origin instead of following it."""
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
     if _token(token):
         req.add_header("Authorization", f"Bearer {_token(token)}")
     try:
-        return OPENER.open(req, timeout=timeout)
+        return (SAME_ORIGIN_OPENER if same_origin else OPENER).open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         raise HubRequestError(e.code, f"hub {url}: {e.code} {_refusal(e)}") from None
+    except AdapterError:  # a refused redirect: an AdapterError is a ValueError, not an unreachable hub
+        raise
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         raise HubUnreachable(f"cannot reach the hub at {url}: {shown(str(getattr(e, 'reason', e)))[:300]}") from None
 
@@ -136,16 +172,24 @@ def read_bounded(response, limit: int, url: str, sink: Callable[[bytes], None] |
     return b"".join(chunks)
 
 
-def request(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 60) -> bytes:
+def request(
+    method: str,
+    url: str,
+    body: Any = None,
+    token: str | None = None,
+    timeout: float = 60,
+    *,
+    same_origin: bool = False,
+) -> bytes:
     """One HTTP call with a bounded answer; a refusal becomes an AdapterError carrying the hub's reason."""
     data = json.dumps(body).encode() if body is not None else None
-    with _open(method, url, data, token, timeout) as response:
+    with _open(method, url, data, token, timeout, same_origin=same_origin) as response:
         return read_bounded(response, MAX_ANSWER, url)
 
 
-def call(method: str, url: str, token: str | None, schema: Any, body: Any = None) -> Any:
+def call(method: str, url: str, token: str | None, schema: Any, body: Any = None, *, same_origin: bool = False) -> Any:
     """A JSON answer, checked against ``schema`` (a pydantic model or TypeAdapter)."""
-    raw = request(method, url, body, token)
+    raw = request(method, url, body, token, same_origin=same_origin)
     try:
         data = parse_json(raw, f"the answer of {url}")
         return schema.validate_python(data) if isinstance(schema, TypeAdapter) else schema.model_validate(data)
@@ -295,12 +339,14 @@ def _place(hub: str, name: str) -> Path:
     return cache_root() / folder / name
 
 
-def card(ref: str, hub: str | None = None, token: str | None = None) -> dict[str, Any]:
-    """The card of ``ref`` from the hub; from the cache when the hub is unreachable and it was pulled before."""
+def card(ref: str, hub: str | None = None, token: str | None = None, *, same_origin: bool = False) -> dict[str, Any]:
+    """The card of ``ref`` from the hub; from the cache when the hub is unreachable and it was pulled before.
+    ``same_origin``: refuse a redirect away from the hub's origin (see :func:`pull`)."""
     hub, (name, rev) = hub_url(hub), parse_ref(ref)
     place = _place(hub, name)
     try:
-        meta = call("GET", f"{hub}/api/adapters/{name}?rev={urllib.parse.quote(rev)}", token, Answer)
+        url = f"{hub}/api/adapters/{name}?rev={urllib.parse.quote(rev)}"
+        meta = call("GET", url, token, Answer, same_origin=same_origin)
     except HubUnreachable:
         cached = _cached_revision(place, rev)
         if cached is None:
@@ -331,26 +377,60 @@ def _cached_revision(place: Path, rev: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def pull(ref: str, hub: str | None = None, token: str | None = None, model=None) -> Path:
-    """Download ``ref`` into the cache, verified, and return its folder; ``model``: check the base first."""
+def pull(
+    ref: str,
+    hub: str | None = None,
+    token: str | None = None,
+    model=None,
+    *,
+    max_bytes: int | None = None,
+    same_origin: bool = False,
+) -> Path:
+    """Download ``ref`` into the cache, verified, and return its folder; ``model``: check the base first.
+
+    ``max_bytes``: refuse a revision whose files declare more bytes in all, before any is downloaded
+    (a cached one too, by its files' sizes). ``same_origin``: follow no redirect that leaves the hub's
+    scheme, host and port (by default one is followed, without the token)."""
     hub, (name, rev) = hub_url(hub), parse_ref(ref)
-    meta = Answer.model_validate(card(ref, hub, token))
+    meta = Answer.model_validate(card(ref, hub, token, same_origin=same_origin))
     if model is not None:
         check_base(meta.model_dump(mode="json"), model, ref)
     place = _place(hub, name)
     target = place / meta.revision  # a verified 64-hex id: no path can come out of it
-    if not (target / ".card.json").is_file():
-        manifest = _manifest(hub, name, meta, token)
-        blobs = [_blob(hub, name, meta.revision, path, entry, token) for path, entry in manifest.items()]
+    if (target / ".card.json").is_file():
+        _check_size(name, meta.revision, _cached_size(target), max_bytes)
+    else:
+        manifest = _manifest(hub, name, meta, token, same_origin=same_origin)
+        _check_size(name, meta.revision, sum(entry.size for entry in manifest.values()), max_bytes)
+        blobs = [
+            _blob(hub, name, meta.revision, path, entry, token, same_origin=same_origin)
+            for path, entry in manifest.items()
+        ]
         write_folder(target, lambda tmp: _fill(tmp, dict(zip(manifest, blobs, strict=True)), meta))
     (place / "refs").mkdir(parents=True, exist_ok=True)
     write_atomically(place / "refs" / rev, meta.revision.encode())
     return target
 
 
-def _manifest(hub: str, name: str, meta: Answer, token: str | None) -> dict[str, Entry]:
+def _check_size(name: str, revision: str, size: int, max_bytes: int | None) -> None:
+    """Refuse a revision of ``size`` bytes (its manifest's sum) above ``max_bytes``."""
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterError(
+            f"{name}@{revision[:12]}: its files take {size} bytes, over the limit of {max_bytes} bytes: "
+            "refused before downloading (raise max_bytes to pull it)"
+        )
+
+
+def _cached_size(folder: Path) -> int:
+    """The bytes of a pulled revision's files (its cached card aside): what its manifest declared."""
+    files = (p for p in folder.rglob("*") if p.is_file() and p != folder / ".card.json")
+    return sum(p.stat().st_size for p in files)
+
+
+def _manifest(hub: str, name: str, meta: Answer, token: str | None, *, same_origin: bool = False) -> dict[str, Entry]:
     """The revision's files, checked: plain relative paths, and the revision id they and the card hash to."""
-    tree = call("GET", f"{hub}/api/models/{name}/tree/{meta.revision}", token, TREE)
+    url = f"{hub}/api/models/{name}/tree/{meta.revision}"
+    tree = call("GET", url, token, TREE, same_origin=same_origin)
     try:
         check_tree([entry.path for entry in tree])
     except ValueError as e:
@@ -370,8 +450,11 @@ def _manifest(hub: str, name: str, meta: Answer, token: str | None) -> dict[str,
     return manifest
 
 
-def _blob(hub: str, name: str, revision: str, path: str, entry: Entry, token: str | None) -> Path:
-    """The cached file with ``entry``'s sha256, downloaded (streamed, hashed, cut at its size) if absent."""
+def _blob(
+    hub: str, name: str, revision: str, path: str, entry: Entry, token: str | None, *, same_origin: bool = False
+) -> Path:
+    """The cached file with ``entry``'s sha256, downloaded (streamed, hashed, cut at its size) if absent;
+    read-only, since every revision holding it is a hard link to the same bytes."""
     blobs = cache_root() / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
     blob = blobs / entry.sha256
@@ -379,7 +462,7 @@ def _blob(hub: str, name: str, revision: str, path: str, entry: Entry, token: st
         return blob
     url = f"{hub}/{name}/resolve/{revision}/{urllib.parse.quote(path)}"
     digest = hashlib.sha256()
-    with _open("GET", url, token=token) as response, atomic_file(blob) as f:
+    with _open("GET", url, token=token, same_origin=same_origin) as response, atomic_file(blob) as f:
 
         def sink(chunk: bytes) -> None:
             digest.update(chunk)
@@ -388,14 +471,54 @@ def _blob(hub: str, name: str, revision: str, path: str, entry: Entry, token: st
         read_bounded(response, entry.size, url, sink)
         if f.tell() != entry.size or digest.hexdigest() != entry.sha256:
             raise AdapterError(f"{name}/{path}: the downloaded bytes do not match their size and sha256; pull again")
+        # Read-only (for whom the umask let read): a write through one revision's link would change them all.
+        os.chmod(f.fileno(), os.fstat(f.fileno()).st_mode & 0o444)
     return blob
 
 
 def _fill(tmp: Path, files: dict[str, Path], meta: Answer) -> None:
     for path, blob in files.items():
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(blob, tmp / path)
+        _link_or_copy(blob, tmp / path)
     (tmp / ".card.json").write_text(meta.model_dump_json())
+
+
+def _link_or_copy(blob: Path, dest: Path) -> None:
+    """Put ``blob`` at ``dest`` without storing its bytes twice: a hard link; a copy where the disk
+    cannot link (another filesystem, one without links, the link count at its maximum)."""
+    try:
+        os.link(blob, dest, follow_symlinks=False)
+    except OSError:
+        shutil.copyfile(blob, dest)
+
+
+def sweep(older_than: float = 3600.0) -> int:
+    """Remove the temporary files that killed downloads left in the cache's blobs; return how many.
+
+    Only regular files named as :func:`adapterkit.files.atomic_file` names its temporary files, and only
+    those unchanged for ``older_than`` seconds: a download in progress touches its file with every MiB it
+    receives, so another process's is not cut. Links are never followed, other files never touched."""
+    if older_than < 0:
+        raise AdapterError(f"sweep(older_than={older_than}): pass a number of seconds, 0 or more")
+    blobs = cache_root() / "blobs"
+    if not blobs.is_dir():
+        return 0
+    cutoff, removed = time.time() - older_than, 0
+    with os.scandir(blobs) as entries:
+        for entry in entries:
+            ours = is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False)
+            if ours and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                removed += _unlink(Path(entry.path))
+    return removed
+
+
+def _unlink(path: Path) -> int:
+    """1 if ``path`` was removed, 0 if it was gone already (another sweep, or its download finished)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1
 
 
 def check_base(meta: dict[str, Any], model, ref: str) -> None:

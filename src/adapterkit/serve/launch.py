@@ -8,14 +8,21 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from adapterkit.core.quantize import quantize_base
+from adapterkit.errors import AdapterError
+from adapterkit.hub.client import sweep
 from adapterkit.serve.app import create_app
+from adapterkit.serve.guard import Timeouts, run
 from adapterkit.serve.plumbing import CAUSAL, ENCODER, Limits, read_keys
 from adapterkit.serve.registry import Direct, Registry
 
+DTYPES = ("fp32", "bf16", "fp16")  # the base's weights (adapters keep the dtype they were saved in)
 
-# -- running it ---------------------------------------------------------------------------------------
-def load(model_dir: str):
-    """The model (eval mode), its tokenizer, and its kind: a causal LM or an encoder (from its config)."""
+
+def load(model_dir: str, dtype: str = "fp32"):
+    """The model (eval mode, its weights in ``dtype``), its tokenizer, and its kind: a causal LM or an
+    encoder (from its config)."""
+    import torch
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -24,16 +31,19 @@ def load(model_dir: str):
         AutoTokenizer,
     )
 
+    if dtype not in DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    weights = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]}
     config = AutoConfig.from_pretrained(model_dir)
     architectures = config.architectures or []
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or _decoder_only(config):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer, CAUSAL
+        return AutoModelForCausalLM.from_pretrained(model_dir, **weights).eval(), tokenizer, CAUSAL
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), tokenizer, ENCODER
-    return AutoModel.from_pretrained(model_dir).eval(), tokenizer, ENCODER
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, **weights).eval(), tokenizer, ENCODER
+    return AutoModel.from_pretrained(model_dir, **weights).eval(), tokenizer, ENCODER
 
 
 def _decoder_only(config) -> bool:
@@ -67,6 +77,9 @@ class Options:
     max_adapter_bytes: int = 2**30
     limits: Limits = Limits()
     public_metrics: bool = False
+    dtype: str = "fp32"  # the base's weights: fp32, bf16 (AVX512-BF16 CPUs: ~3x faster matmuls) or fp16
+    quantize: str | None = None  # "int8" / "int4": the base's Linear weights through torchao (core.quantize)
+    timeouts: Timeouts = Timeouts()  # slow clients: a request's head and body (serve.guard)
 
 
 def build(model_dir: str, options: Options) -> FastAPI:
@@ -74,7 +87,11 @@ def build(model_dir: str, options: Options) -> FastAPI:
     from adapterkit.serve.engine import Engine
     from adapterkit.serve.registry import Bounds
 
-    model, tokenizer, kind = load(model_dir)
+    model, tokenizer, kind = load(model_dir, options.dtype)
+    if options.quantize:
+        quantize_base(model, options.quantize)
+    if options.hub or options.allow_hub_refs:
+        sweep()  # what a download killed mid-way left in the hub cache
     if kind == CAUSAL:
         engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
                         max_context=options.max_context)  # fmt: skip
@@ -89,8 +106,8 @@ def build(model_dir: str, options: Options) -> FastAPI:
 
 
 def serve(model_dir: str, options: Options, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
-
-    # As the hub: idle keep-alive connections close after 5 s; past 512 connections at once, 503s.
+    """Run the server until SIGINT/SIGTERM (which drain running requests)."""
+    # As the hub: idle keep-alive connections close after 5 s; past 512 connections at once, 503s; a
+    # request's head and body have their time limits (options.timeouts)
     app = build(model_dir, options)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=512)
+    run(app, host, port, options.timeouts, log_level="warning", timeout_keep_alive=5, limit_concurrency=512)

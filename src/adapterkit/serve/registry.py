@@ -235,7 +235,7 @@ class Registry:
         """The adapter's folder on this machine (pulled and verified for a hub reference)."""
         try:
             if source.startswith("hub:"):
-                return client.pull(source, hub=self.hub)
+                return client.pull(source, hub=self.hub, max_bytes=self.bounds.max_bytes, same_origin=True)
             return adapter_folder(source)
         except Exception as e:  # noqa: BLE001
             self.on_event("load_failure")
