@@ -3,7 +3,8 @@ vs one request at a time, and latency.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 16] [--requests 2] [--output benchmarks/results_serve_load.md]
 
-SmolLM2-135M-Instruct (fp32), the real server (``adapterkit serve`` in its own process, 2 torch threads),
+SmolLM2-135M-Instruct (``--dtype`` fp32 or bf16), the real server (``adapterkit serve`` in its own process,
+2 torch threads),
 ``--clients`` concurrent clients each sending ``--requests`` streamed ``/v1/completions`` (the same
 20-token prompt, ``max_tokens`` 16, greedy), every request for its own adapter in turn. Adapters:
 LoRA r=8 on q/v with random weights (1, 8 or 64 distinct), and a mix of LoRA, IA3, Pfeiffer and
@@ -64,17 +65,48 @@ def adapters(model_dir: str, folder: Path) -> dict[str, str]:
     return out
 
 
+def quiet_line() -> str:
+    """The machine's quiet check (../shared/tools/quiet) before a timed round, as the result records it."""
+    tool = Path(__file__).resolve().parents[2] / "shared" / "tools" / "quiet"
+    if not tool.exists():
+        return "quiet: tool not found"
+    return subprocess.run([sys.executable, str(tool), "120"], capture_output=True, text=True).stdout.strip()
+
+
+def limit_line(model_dir: str, dtype: str, rows: int, bare: float) -> str:
+    """The machine's limit for the bare model's decoding steps: the step's FLOPs (every Linear, the LM head
+    included, for ``rows`` tokens) over this CPU's throughput for a decode-sized linear in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=kind)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    x, w = torch.randn(rows, 576, dtype=kind), torch.randn(1536, 576, dtype=kind)
+    for _ in range(20):
+        torch.nn.functional.linear(x, w)
+    started, n = time.perf_counter(), 300
+    for _ in range(n):
+        torch.nn.functional.linear(x, w)
+    flops = 2 * rows * 576 * 1536 * n / (time.perf_counter() - started)
+    limit = flops / (2 * weights)  # tokens/s when every step's rows are busy and nothing but matmuls runs
+    return (
+        f"Machine limit ({dtype}): a {rows}x576 @ 576x1536 linear runs at {flops / 1e9:.0f} GFLOP/s; a decoding "
+        f"step of {rows} rows is {2 * rows * weights / 1e9:.2f} GFLOP, so at most **{limit:.0f} tokens/s**; "
+        f"the bare model served reaches {bare:.1f} ({bare / limit:.0%})."
+    )
+
+
 class Server:
     """``adapterkit serve`` in its own process on a free loopback port (as clients meet it: the clients'
     threads here do not share the server's interpreter lock)."""
 
-    def __init__(self, model_dir: str, sources: dict[str, str], max_batch: int) -> None:
+    def __init__(self, model_dir: str, sources: dict[str, str], max_batch: int, dtype: str = "fp32") -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "adapterkit", "serve", "--model", model_dir, "--port", str(port)]
         command += [f"--adapter={name}={path}" for name, path in sources.items()]
-        command += ["--max-batch", str(max_batch), "--max-adapters", "128", "--max-queue", "1024"]
+        command += ["--max-batch", str(max_batch), "--max-adapters", "128", "--max-queue", "1024", "--dtype", dtype]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
@@ -142,6 +174,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="per client")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rate", type=float, default=2.0, help="steady load: requests per second")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the served base's weights")
     p.add_argument("--output")
     args = p.parse_args()
     import tempfile
@@ -163,7 +196,11 @@ def main() -> None:
     rows: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sources = adapters(model_dir, Path(tmp))
-        servers = {"batched": Server(model_dir, sources, args.clients), "serial": Server(model_dir, sources, 1)}
+        servers = {
+            "batched": Server(model_dir, sources, args.clients, args.dtype),
+            "serial": Server(model_dir, sources, 1, args.dtype),
+        }
+        quiet = []
         try:
             for server in servers.values():
                 for name in [*sources, base]:  # warm-up: every adapter loaded once
@@ -171,6 +208,7 @@ def main() -> None:
             url = servers["batched"].url
             latency = {"unloaded": [request(url, loras[k % 64]) for k in range(8)]}
             for r in range(args.rounds):
+                quiet.append(quiet_line())
                 runs = [(setup, url, models) for setup, models in setups.items()]
                 runs.append((serial, servers["serial"].url, loras))
                 for setup, where, models in runs if r % 2 == 0 else runs[::-1]:
@@ -186,9 +224,14 @@ def main() -> None:
     throughput = {k: sum(x[2] for _, res in runs for x in res) / sum(t for t, _ in runs) for k, runs in rows.items()}
     bare = throughput["bare model"]
     lines = [
-        f"SmolLM2-135M-Instruct, fp32, 2 threads, loopback; {args.clients} concurrent clients x {args.requests} "
+        f"SmolLM2-135M-Instruct, {args.dtype} base, 2 threads, loopback; {args.clients} concurrent clients x "
+        f"{args.requests} "
         f"streamed completions each, {TOKENS} new tokens at most, greedy; `--max-batch {args.clients}`; "
         f"{args.rounds} alternating rounds.",
+        "",
+        limit_line(model_dir, args.dtype, args.clients, bare),
+        "",
+        *[f"- round {i}: {line}" for i, line in enumerate(quiet)],
         "",
         "| load | completion tokens/s | vs bare model |",
         "|---|---:|---:|",
