@@ -141,18 +141,27 @@ def put(out: Any, index: torch.Tensor, new: Any) -> Any:
     return with_hidden(out, hidden(out).index_copy(0, index, hidden(new)))
 
 
+def stack_rows(values: Sequence[torch.Tensor] | Sequence[float], identity: float = 0, device=None) -> torch.Tensor:
+    """The table of a ``PerRow`` group: ``values`` (one per adapter, equal shapes) stacked with a last entry
+    filled with ``identity`` (what "no adapter of this group" means: 0 for an update, 1 for a scale).
+    Numbers give a tensor on ``device``."""
+    if not isinstance(values[0], torch.Tensor):
+        return torch.tensor([*values, identity], device=device)
+    return torch.stack([*values, torch.full_like(values[0], identity)])
+
+
 def gather_rows(
     values: Sequence[torch.Tensor] | Sequence[float], index: torch.Tensor, identity: float = 0
 ) -> torch.Tensor:
-    """The per-row table of a ``PerRow`` group: ``values`` (one per adapter, equal shapes) stacked with an
-    entry filled with ``identity`` (what "no adapter of this group" means: 0 for an update, 1 for a scale),
-    then row ``i`` takes entry ``index[i]`` (``len(values)``: the identity). Numbers give a tensor on
-    ``index``'s device."""
+    """Row ``i`` of the batch takes entry ``index[i]`` of :func:`stack_rows` (``len(values)``: the identity)."""
     # index_select, not table[index]: the same copy, an order of magnitude faster on CPU (16 rows of a
-    # bottleneck's weights: 51 us vs 673 us), and a serving step makes one per adapter site
-    if not isinstance(values[0], torch.Tensor):
-        return torch.tensor([*values, identity], device=index.device).index_select(0, index)
-    return torch.stack([*values, torch.full_like(values[0], identity)]).index_select(0, index)
+    # bottleneck's weights: 51 us vs 673 us)
+    return stack_rows(values, identity, index.device).index_select(0, index)
+
+
+def take_rows(tables: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """Row ``i`` of the batch takes entry ``index[i]`` of each table."""
+    return [table.index_select(0, index) for table in tables]
 
 
 @dataclasses.dataclass(frozen=True, init=False)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from adapterkit.core import adapters
+from adapterkit.core.banks import Bank
 from adapterkit.core.composition import PerRow
 from adapterkit.errors import AdapterError
 
@@ -100,9 +102,16 @@ def _conversation(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]
 
 
 def _setup(model: nn.Module, per_prompt: Sequence[str | None] | None):
-    import contextlib
-
-    return adapters.use(model, PerRow(list(per_prompt))) if per_prompt is not None else contextlib.nullcontext()
+    """Row ``i`` through ``per_prompt[i]``: its adapters' weights stacked once for the whole generation
+    (a :class:`~adapterkit.core.banks.Bank`), each step one gather per site."""
+    if per_prompt is None:
+        return contextlib.nullcontext()
+    names = [n for n in per_prompt if n is not None]
+    if not names or not all(isinstance(n, str) for n in names):  # blocks per row: PerRow builds them per call
+        return adapters.use(model, PerRow(list(per_prompt)))
+    for name in names:
+        adapters.known(model, name)
+    return Bank(model, names).use(list(per_prompt))
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:

@@ -227,6 +227,7 @@ class Engine:
                     return
                 fn, future = self._calls.popleft()
             _run_call(fn, self.model, future)
+            self.runner.changed()
 
     def _admit(self) -> None:
         while True:

@@ -14,9 +14,9 @@ import contextlib
 import torch
 from torch import nn
 
-from adapterkit.core import adapters
 from adapterkit.core import state as st
-from adapterkit.core.composition import PerRow, Stack
+from adapterkit.core.banks import Bank
+from adapterkit.core.composition import Stack
 from adapterkit.serve.attention import Row, Step, engine_forward
 from adapterkit.serve.kv_cache import SlotCache
 from adapterkit.serve.scheduler import Request
@@ -31,6 +31,11 @@ class Runner:
         self.model, self.max_batch = model, max_batch
         self.device = next(model.parameters()).device
         self.cache = SlotCache(max_batch)
+        self.bank = Bank(model)  # the loaded adapters' tables, per site: rewritten only when they change
+
+    def changed(self) -> None:
+        """The model's adapters may have changed (a call ran on it): the bank follows."""
+        self.bank.sync()
 
     def prefill(self, slot: int, request: Request) -> torch.Tensor:
         """The prompt alone through the model and its adapter, into ``slot``: the last position's logits."""
@@ -85,8 +90,9 @@ class Runner:
         return out.logits[:, -1].float()
 
     def setup(self, names: list[str | None]):
-        """Row ``i`` through adapter ``names[i]``; the base model where no row has one."""
+        """Row ``i`` through adapter ``names[i]`` (one slot index per row into the bank); the base model
+        where no row has one."""
         if any(names):
-            return adapters.use(self.model, PerRow(names))
+            return self.bank.use(names)
         state = self.model.__dict__.get(st.STATE)
         return state.override(Stack()) if state is not None else contextlib.nullcontext()

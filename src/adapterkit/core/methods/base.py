@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, is_conv1d
-from adapterkit.core.composition import loop_kv_rows, loop_rows
+from adapterkit.core.composition import loop_kv_rows, loop_rows, take_rows
 from adapterkit.core.state import SLOT
 from adapterkit.errors import AdapterError, ConfigError
 
@@ -38,11 +38,42 @@ class AdapterModule(nn.Module):
     kv_rows = staticmethod(loop_kv_rows)
 
     @staticmethod
-    def adapt_rows(host: nn.Module, x: Any, out: Any, modules: list[AdapterModule], index: torch.Tensor) -> Any:
-        """Row ``i`` through ``modules[index[i]]`` (the last index: unchanged). Default: each on its rows."""
+    def row_tables(modules: list[AdapterModule]) -> list[torch.Tensor] | None:
+        """The group's weights as per-adapter tables (``composition.stack_rows``: one entry per module, the
+        last the identity), or None where its modules cannot compute together. A group's tables are all
+        that its rows' batched computation (:meth:`adapt_tables`) reads, so a server stacks them once per
+        loaded adapter (:mod:`adapterkit.core.banks`) instead of at every call."""
+        return None
+
+    @staticmethod
+    def adapt_tables(host: nn.Module, x: Any, out: Any, rows: list[torch.Tensor], modules: list) -> Any:
+        """The host's output with row ``i`` through its adapter: ``rows[k][i]`` is row ``i``'s entry of the
+        group's :meth:`row_tables` table ``k`` (``modules``: the group, for what its members share)."""
+        return out
+
+    @staticmethod
+    def adapt_inputs_tables(host: nn.Module, args: tuple, kwargs: dict, rows: list, modules: list) -> tuple:
+        """As :meth:`adapt_tables`, for the host's call arguments (methods that edit inputs)."""
+        return args, kwargs
+
+    @classmethod
+    def adapt_rows(cls, host: nn.Module, x: Any, out: Any, modules: list[AdapterModule], index: torch.Tensor) -> Any:
+        """Row ``i`` through ``modules[index[i]]`` (the last index: unchanged): one batched computation over
+        the group's tables where it has them, else each module on its own rows."""
+        tables = cls.row_tables(modules)
+        if tables is not None:
+            return cls.adapt_tables(host, x, out, take_rows(tables, index), modules)
         if type(modules[0]).adapt is AdapterModule.adapt:  # edits inputs only
             return out
         return loop_rows(host, x, out, modules, index)
+
+    @classmethod
+    def adapt_inputs_rows(cls, host: nn.Module, args: tuple, kwargs: dict, modules: list, index: torch.Tensor):
+        """As :meth:`adapt_rows`, for the host's call arguments (``edits_inputs``)."""
+        tables = cls.row_tables(modules)
+        if tables is None:
+            raise NotImplementedError(f"{cls.__name__} edits inputs but has no per-row tables or adapt_inputs_rows")
+        return cls.adapt_inputs_tables(host, args, kwargs, take_rows(tables, index), modules)
 
     def explain(self, kind: str) -> str:
         """Why this module cannot run inside blocks of ``kind``."""

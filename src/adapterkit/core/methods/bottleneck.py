@@ -24,7 +24,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from adapterkit.core.arch import ArchSpec, features, find_layers, spec_for
-from adapterkit.core.composition import gather_rows, map_hidden
+from adapterkit.core.composition import map_hidden, put, stack_rows, take
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, param_dtype, share
 from adapterkit.core.state import Relay
 
@@ -112,28 +112,31 @@ def _plain(bottleneck: Bottleneck) -> bool:
     return isinstance(bottleneck.adapter_down, nn.Linear) and bottleneck.gate is None
 
 
-def rows(bottlenecks: list[Bottleneck], h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(B, T, H) -> (B, T, H)``: row ``i`` through ``bottlenecks[index[i]]``, zero for the last index.
-
-    Plain bottlenecks of one activation (and one width: ``row_key``) run together: weights gathered per
-    row, the scaling folded into Up per row, two batched matmuls. Others run on their own rows.
-    """
-    first = bottlenecks[0]
-    h32 = h.to(first.adapter_up.bias.dtype)
+def tables(bottlenecks: list[Bottleneck]) -> list[torch.Tensor] | None:
+    """Down and s*Up weights and biases per bottleneck (zeros for "none"); None unless all are plain and of
+    one activation (and one width: ``row_key``), the ones that run as one batched computation."""
     if not all(map(_plain, bottlenecks)) or len({type(b.act) for b in bottlenecks}) > 1:
-        out = torch.zeros_like(h32)
-        for k, bottleneck in enumerate(bottlenecks):
-            mine = (index == k).nonzero().squeeze(1)
-            out = out.index_copy(0, mine, bottleneck(h32.index_select(0, mine)).to(out.dtype))
-        return out.to(h.dtype)
-    tables = [(b.adapter_down.weight, b.adapter_down.bias, b.adapter_up.weight, b.adapter_up.bias) for b in bottlenecks]
-    down_w, down_b, up_w, up_b = (gather_rows(list(column), index) for column in zip(*tables, strict=True))
-    scale = gather_rows([b.scaling for b in bottlenecks], index).to(up_w.dtype)  # s W per row: the bits of W * s
-    up_w, up_b = up_w * scale[:, None, None], up_b * scale[:, None]
-    flat = h32.reshape(h32.shape[0], -1, h32.shape[-1])  # (B, T, H)
+        return None
+    weights = [
+        (b.adapter_down.weight, b.adapter_down.bias, b.adapter_up.weight, b.adapter_up.bias) for b in bottlenecks
+    ]
+    down_w, down_b, up_w, up_b = (stack_rows(list(column)) for column in zip(*weights, strict=True))
+    scale = stack_rows([b.scaling for b in bottlenecks], device=up_w.device).to(up_w.dtype)  # s W: the bits of W * s
+    return [down_w, down_b, up_w * scale[:, None, None], up_b * scale[:, None]]
+
+
+def through(first: Bottleneck, h: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    """``(B, T, H) -> (B, T, H)``: row ``i`` through the bottleneck whose :func:`tables` entries are
+    ``rows[..][i]`` (all zeros: a zero update), as two batched matmuls."""
+    down_w, down_b, up_w, up_b = rows
+    flat = h.to(up_b.dtype).reshape(h.shape[0], -1, h.shape[-1])  # (B, T, H)
     mid = first.act(torch.baddbmm(down_b[:, None], flat, down_w.transpose(1, 2)))  # (B, T, size)
     out = first.dropout(torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)))
     return out.reshape(h.shape).to(h.dtype)
+
+
+def _tables(modules: list[_Site]) -> list[torch.Tensor] | None:
+    return tables([m.bottleneck for m in modules])
 
 
 class _Site(AdapterModule):
@@ -161,9 +164,11 @@ class SequentialAdapter(_Site):
     def adapt(self, host, x, out):
         return map_hidden(out, lambda h: h + self.bottleneck(h))
 
+    row_tables = staticmethod(_tables)
+
     @staticmethod
-    def adapt_rows(host, x, out, modules: list[SequentialAdapter], index):
-        return map_hidden(out, lambda h: h + rows([m.bottleneck for m in modules], h, index))
+    def adapt_tables(host, x, out, rows, modules: list[SequentialAdapter]):
+        return map_hidden(out, lambda h: h + through(modules[0].bottleneck, h, rows))
 
     @staticmethod
     def fuse(host, x, out, modules: list[SequentialAdapter], fusion):
@@ -182,9 +187,14 @@ class NormAdapter(_Site):
         return host.forward(self.bottleneck(out) + z)  # .forward: no hooks, no recursion
 
     @staticmethod
-    def adapt_rows(host, z, out, modules: list[NormAdapter], index):
-        new = host.forward(rows([m.bottleneck for m in modules], out, index) + z)
-        mine = (index < len(modules)).view(-1, *[1] * (out.ndim - 1))
+    def row_tables(modules: list[NormAdapter]) -> list[torch.Tensor] | None:
+        weights = _tables(modules)  # and whether a row has an adapter of the group: others keep their output
+        return None if weights is None else [*weights, stack_rows([True] * len(modules), False, weights[0].device)]
+
+    @staticmethod
+    def adapt_tables(host, z, out, rows, modules: list[NormAdapter]):
+        new = host.forward(through(modules[0].bottleneck, out, rows[:4]) + z)
+        mine = rows[4].view(-1, *[1] * (out.ndim - 1))
         return torch.where(mine, new, out)  # other rows keep what other groups made of them
 
     @staticmethod
@@ -238,10 +248,23 @@ class ParallelAdapter(_Site):
         sources = [x if m.box is None else m.box.take() for m in modules]
         return sources[0]
 
+    row_tables = staticmethod(_tables)
+
+    @classmethod
+    def adapt_rows(cls, host, x, out, modules: list[ParallelAdapter], index):
+        if cls.row_tables(modules) is not None:
+            return super().adapt_rows(host, x, out, modules, index)
+        source = ParallelAdapter._source(x, modules)  # each on its own rows, from the batch's one source
+        for k, module in enumerate(modules):
+            mine = (index == k).nonzero().squeeze(1)
+            update = module.bottleneck(take(source, mine))
+            out = put(out, mine, map_hidden(take(out, mine), lambda s, u=update: s + u.to(s.dtype)))
+        return out
+
     @staticmethod
-    def adapt_rows(host, x, out, modules: list[ParallelAdapter], index):
+    def adapt_tables(host, x, out, rows, modules: list[ParallelAdapter]):
         source = ParallelAdapter._source(x, modules)
-        return map_hidden(out, lambda s: s + rows([m.bottleneck for m in modules], source, index))
+        return map_hidden(out, lambda s: s + through(modules[0].bottleneck, source, rows))
 
     @staticmethod
     def fuse(host, x, out, modules: list[ParallelAdapter], fusion):

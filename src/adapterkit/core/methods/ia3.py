@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, find_layers, out_in, spec_for
-from adapterkit.core.composition import first_input, gather_rows, with_first_input
+from adapterkit.core.composition import first_input, stack_rows, with_first_input
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
 from adapterkit.errors import AdapterError
 
@@ -45,9 +45,12 @@ class IA3Output(AdapterModule):
         return (IA3Output, self.ia3_l.shape[0])
 
     @staticmethod
-    def adapt_rows(host, x, out, modules: list[IA3Output], index: torch.Tensor):
-        scale = _per_row(modules, index, out)
-        return out * scale
+    def row_tables(modules: list[IA3Output]) -> list[torch.Tensor]:
+        return [stack_rows([m.ia3_l for m in modules], identity=1)]
+
+    @staticmethod
+    def adapt_tables(host, x, out, rows, modules):
+        return out * _broadcast(rows[0], out)
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
@@ -83,9 +86,13 @@ class IA3Input(AdapterModule):
         return (IA3Input, self.ia3_l.shape[0])
 
     @staticmethod
-    def adapt_inputs_rows(host, args, kwargs, modules: list[IA3Input], index: torch.Tensor):
+    def row_tables(modules: list[IA3Input]) -> list[torch.Tensor]:
+        return [stack_rows([m.ia3_l for m in modules], identity=1)]
+
+    @staticmethod
+    def adapt_inputs_tables(host, args, kwargs, rows, modules):
         x = first_input(args, kwargs)
-        return with_first_input(args, kwargs, x * _per_row(modules, index, x))
+        return with_first_input(args, kwargs, x * _broadcast(rows[0], x))
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
@@ -97,9 +104,8 @@ class IA3Input(AdapterModule):
         _scale_weight(host, 1 / self.ia3_l, along_out=False)
 
 
-def _per_row(modules: list, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Row ``i``'s vector (ones for no adapter), shaped to broadcast over ``like`` (B, ..., F)."""
-    rows = gather_rows([m.ia3_l for m in modules], index, identity=1)
+def _broadcast(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s vector ``rows[i]`` shaped to broadcast over ``like`` (B, ..., F)."""
     return rows.to(like.dtype).view(like.shape[0], *[1] * (like.ndim - 2), -1)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
-from adapterkit.core.composition import gather_rows, loop_rows
+from adapterkit.core.composition import stack_rows
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 from adapterkit.core.quantize import dense_weight
 from adapterkit.errors import AdapterError, ConfigError
@@ -89,19 +89,23 @@ class LoRA(_Additive):
         return type(self) is LoRA and self.gate is None
 
     @staticmethod
-    def adapt_rows(host, x, out, modules: list[LoRA], index: torch.Tensor):
-        """Row ``i`` through adapter ``index[i]``: the adapters' A and s*B (one rank, ``row_key``; a zero
-        adapter for "none"), gathered per row: two batched matmuls in all."""
-        if not modules[0]._batchable():  # DoRA, gated: each on its own rows
-            return loop_rows(host, x, out, modules, index)
-        # one rank in a group (row_key): the tables stack as they are; s B per row is the same product
-        # (bit for bit) as each adapter's own s * B, without a scaled copy of every B at every call
-        a = gather_rows([m.lora_A for m in modules], index)  # (B, rank, in)
-        scale = gather_rows([m.scaling for m in modules], index).to(a.dtype)[:, None, None]
-        b = gather_rows([m.lora_B for m in modules], index) * scale  # (B, out, rank)
+    def row_tables(modules: list[LoRA]) -> list[torch.Tensor] | None:
+        """A and s*B per adapter, a zero adapter for "none" (one rank in a group: ``row_key``). DoRA and gated
+        LoRA (None) run each on its own rows."""
+        if not modules[0]._batchable():
+            return None
+        # s B per adapter is the same product (bit for bit) as each adapter's own s * B, made once per table
+        # rather than as a scaled copy of every B at every call
+        scale = stack_rows([m.scaling for m in modules], device=modules[0].lora_B.device)
+        b = stack_rows([m.lora_B for m in modules]) * scale.to(modules[0].lora_B.dtype)[:, None, None]
+        return [stack_rows([m.lora_A for m in modules]), b]  # (n + 1, rank, in), (n + 1, out, rank)
+
+    @staticmethod
+    def adapt_tables(host, x, out, rows, modules: list[LoRA]):
+        a, b = rows  # (B, rank, in), (B, out, rank)
         x = modules[0].dropout(x.to(a.dtype))
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
         return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
