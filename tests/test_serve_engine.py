@@ -144,6 +144,34 @@ def test_decoding_steps_attend_all_rows_at_once_and_equal_alone_bit_for_bit(monk
     assert max(calls) >= 2  # the short ones decoded beside a two-chunk neighbour
 
 
+def test_long_prompts_prefill_in_chunks_beside_running_streams_and_equal_alone(llama, engine):
+    """Prompts of 40-110 tokens in chunks of 16 (a prompt-tuning adapter: whole), arriving while others
+    decode: each equals itself served alone bit for bit, and its tokens equal transformers' generate; the
+    running streams got tokens between the chunks of a newcomer's prompt."""
+    model, _ = llama
+    e = engine(prefill_chunk=16)
+    names = ["lora", "ia3", "prompt", None, "houlsby", "prefix"]
+    long = [p * 12 for p in prompts(len(names), seed=11)]
+    alone = [serve(e, p, a, max_tokens=5)[:2] for p, a in zip(long, names, strict=True)]
+    steps = e.stats()["steps"]
+    runner = e.submit(prompts(1)[0], "lora8", Sampling(max_tokens=60))
+    first_chunk(runner)
+    streams = [e.submit(p, a, Sampling(max_tokens=5)) for p, a in zip(long, names, strict=True)]
+    first_chunk(streams[0])
+    decoded = len(runner.tokens)
+    assert [(s.result()[1] and s.tokens, s.logprobs) for s in streams] == alone
+    assert runner.result()[1].finish_reason == "length"
+    assert decoded >= len(long[0]) // 16  # one decoding step beside each of the first prompt's chunks
+    assert e.stats()["steps"] > steps
+    for prompt, adapter, (tokens, _) in zip(long, names, alone, strict=True):
+        ak.set_active(model, adapter)
+        with torch.no_grad():
+            reference = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                       pad_token_id=0, eos_token_id=None)  # fmt: skip
+        ak.set_active(model, None)
+        assert reference[0, len(prompt) :].tolist() == tokens, adapter
+
+
 def test_continuous_batching_a_short_request_overtakes_a_long_one(engine):
     e = engine(max_batch=2)
     long = e.submit(prompts(1)[0], "lora", Sampling(max_tokens=1500))  # seconds of decoding: margin on a slow box

@@ -294,7 +294,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, args.request_timeout)
     options = Options(adapters, args.hub, args.allow_hub_refs, args.api_key_file, args.max_batch, args.max_queue,
                       args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits,
-                      public_metrics=args.public_metrics, dtype=args.dtype, quantize=args.quantize)  # fmt: skip
+                      public_metrics=args.public_metrics, dtype=args.dtype, quantize=args.quantize,
+                      prefill_chunk=args.prefill_chunk)  # fmt: skip
     print(f"adapterkit serve on http://{args.host}:{args.port}/v1 ({args.model}, {len(adapters)} adapters)")
     serve(args.model, options, args.host, args.port)
 
@@ -571,6 +572,8 @@ def _serve_parser(sub) -> None:
     v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     v.add_argument("--max-queue", type=int, default=256, help="requests waiting; past it 429")
     v.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one sequence")
+    v.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens per prefill forward, and per step while others decode")  # fmt: skip
     v.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     v.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (tokens)")
     v.add_argument("--request-timeout", type=float, default=600.0, help="seconds; then the generation is cancelled")

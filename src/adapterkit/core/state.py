@@ -275,6 +275,7 @@ class Chain(nn.ModuleList):
         parts = [*first, second] if isinstance(first, Chain) else [first, second]
         super().__init__(parts)
         self.edits_inputs = any(part.edits_inputs for part in parts)
+        self.chunked_prompts = all(getattr(part, "chunked_prompts", True) for part in parts)
         self.blocks = frozenset.intersection(*(part.blocks for part in parts))
         if self.edits_inputs:  # inputs are edited per row only by the parts' own batched code
             self.blocks -= {"rows", "rows_nested"}

@@ -176,9 +176,17 @@ def decode_all(
 
 
 def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
-    """transformers' sdpa function for one unpadded sequence without its per-call overhead: ``(1, q, heads, hd)``."""
+    """transformers' sdpa function for one unpadded sequence without its per-call overhead: ``(1, q, heads, hd)``.
+    Causal by ``is_causal`` for a whole prompt, by ``attention_mask`` (:func:`_causal_mask`) for a chunk."""
+    causal = attention_mask is None and query.shape[2] > 1
     out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        is_causal=causal,
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2), None
 
@@ -194,12 +202,16 @@ def _inner(name: str, module: nn.Module):
 
 
 def _causal_mask(inner: str, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
-    """None where the function masks causally by itself (sdpa's ``is_causal``, the prefix function);
-    eager needs an additive mask when several positions are queried."""
+    """None where sdpa masks causally by itself (``is_causal`` over a whole prompt) or one position is
+    queried; else the mask of a prompt's chunk after its past (the last query sees every key): boolean for
+    sdpa, additive for eager (both also for adapterkit's prefix functions over them)."""
     q, k = query.shape[2], keys.shape[2]
-    if q == 1 or inner != "eager":
+    sdpa = inner.endswith("sdpa")
+    if q == 1 or (sdpa and q == k):
         return None
     future = torch.ones(q, k, dtype=torch.bool, device=query.device).triu(k - q + 1)
+    if sdpa:
+        return ~future[None, None]
     return torch.zeros(q, k, dtype=query.dtype, device=query.device).masked_fill(future, torch.finfo(query.dtype).min)[
         None, None
     ]

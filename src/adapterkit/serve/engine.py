@@ -7,14 +7,17 @@ steps, retire the cancelled, admit waiting requests), *execute* (prefills, then 
 *update* (sample, detokenize, emit, finish).
 
 A background thread loops: it runs the functions handed to :meth:`Engine.call` (adding or removing
-adapters between steps), admits waiting requests while fewer than ``max_batch`` run (each one's prompt
-goes through the model on its own: a prefill of exactly its tokens), then runs one decoding step for all
-running sequences together (one token per sequence, each row through its own adapter: ``PerRow``), and
-retires finished or cancelled sequences at once. A long request never holds a short one back.
+adapters between steps), admits waiting requests while fewer than ``max_batch`` run, prefills prompts
+(each on its own: a forward of exactly its tokens, in chunks of ``prefill_chunk`` positions at fixed
+offsets, at most ``prefill_chunk`` tokens an iteration while others decode, so that a long prompt enters
+over several steps and the running streams keep their pace), then runs one decoding step for all
+decoding sequences together (one token per sequence, each row through its own adapter, read from the
+runner's :class:`~adapterkit.core.banks.Bank`), and retires finished or cancelled sequences at once.
 
 **Batch invariance.** A request's greedy tokens do not depend on who else is in the batch:
 
-* nothing is padded: a prefill holds one request's tokens; a decoding step one token per sequence;
+* nothing is padded: a prefill holds one request's tokens, cut into chunks at the same positions under
+  any load; a decoding step one token per sequence;
 * attention runs per sequence over its own KV cache (:mod:`adapterkit.serve.attention`);
 * every decoding step has the same row count, ``max_batch`` (free slots are dummy rows whose outputs are
   discarded), because CPU matmul kernels reduce in an order that depends on the number of rows (measured
@@ -58,6 +61,7 @@ __all__ = ["Chunk", "Engine", "QueueFull", "Sampling", "Stream", "TextDeltas"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 ERROR_TEXT = 300  # characters of an exception's message passed on to the client
+PREFILL_CHUNK = 64  # prompt positions per prefill forward (benchmarks/serve_load.py: long-prompt ITL)
 
 
 class NonFinite(AdapterError):
@@ -73,12 +77,21 @@ class Engine:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, *, max_batch: int = 16, max_queue: int = 256, max_context: int = 2048
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        max_context: int = 2048,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
-        if max_batch < 1 or max_queue < 0 or max_context < 2:
+        if max_batch < 1 or max_queue < 0 or max_context < 2 or prefill_chunk < 1:
             raise AdapterError(
-                f"need max_batch >= 1, max_queue >= 0, max_context >= 2 (got {max_batch}, {max_queue}, {max_context})"
+                "need max_batch >= 1, max_queue >= 0, max_context >= 2, prefill_chunk >= 1 "
+                f"(got {max_batch}, {max_queue}, {max_context}, {prefill_chunk})"
             )
+        self.prefill_chunk = prefill_chunk
         check_model(model, max_context)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
@@ -210,7 +223,9 @@ class Engine:
             self._finish(slot, request, "cancelled")
         self._admit()
         if self.scheduler.busy():
-            self._decode()
+            self._prefill_some()
+            if any(self.scheduler.decoding()):
+                self._decode()
             return True
         with self._cond:
             idle = not self.scheduler.waiting and not self._calls
@@ -239,30 +254,54 @@ class Engine:
             if slot < 0:
                 self._end(request, "cancelled")
             else:
-                self._prefill(slot, request)
+                self.runner.start(slot, request)
 
-    def _prefill(self, slot: int, request: Request) -> None:
+    def _prefill_some(self) -> None:
+        """Prompt chunks, oldest request first: while others decode, at most ``prefill_chunk`` tokens (at
+        least one chunk), else all that wait."""
+        budget = self.prefill_chunk if any(self.scheduler.decoding()) else float("inf")
+        spent = 0
+        for slot, request in self.scheduler.prefilling():
+            while request.prefilling and self.scheduler.slots[slot] is request:
+                end = self._chunk_end(request)
+                if spent and spent + end - request.prefilled > budget:
+                    return
+                spent += end - request.prefilled
+                self._prefill(slot, request, end)
+
+    def _chunk_end(self, request: Request) -> int:
+        """Where the prompt's next chunk ends: at the next multiple of ``prefill_chunk`` (the same cut under
+        any load), or the prompt's end (also where an adapter must see the prompt whole)."""
+        if not self.runner.chunks_prompts(request.adapter):
+            return len(request.prompt)
+        return min(len(request.prompt), (request.prefilled // self.prefill_chunk + 1) * self.prefill_chunk)
+
+    def _prefill(self, slot: int, request: Request, end: int) -> None:
         started = time.monotonic()
         try:
-            logits = self.runner.prefill(slot, request)
+            logits = self.runner.prefill(slot, request, end)
         except Exception as e:  # noqa: BLE001 (the request's own adapter, or prompt, failed: only it ends)
             self._finish(slot, request, "error", *failure(request.adapter, e))
             return
-        self._stats["prefills"] += 1
-        self._stats["prompt_tokens"] += len(request.prompt)
+        self._stats["prompt_tokens"] += end - request.prefilled
         self._stats["prefill_seconds"] += time.monotonic() - started
-        self._update(slot, request, logits, finite_rows(logits[None])[0])
+        request.prefilled = end
+        if not request.prefilling:
+            self._stats["prefills"] += 1
+            self._update(slot, request, logits, finite_rows(logits[None])[0])
 
     def _decode(self) -> None:
         started = time.monotonic()
-        slots = self.scheduler.slots
+        slots = self.scheduler.decoding()
         logits, failed = self.runner.decode(slots)
         self._stats["steps"] += 1
         self._stats["last_batch_size"] = sum(r is not None for r in slots)
         self._stats["decode_seconds"] += time.monotonic() - started
-        ran = [i for i, row in enumerate(logits) if row is not None]
+        ran = [i for i, row in enumerate(logits) if row is not None and slots[i] is not None]  # not dummy rows
         finite = dict(zip(ran, finite_rows(torch.stack([logits[i] for i in ran])), strict=True)) if ran else {}
-        for slot, request in self.scheduler.running():
+        for slot, request in enumerate(slots):
+            if request is None:
+                continue
             if slot in failed:
                 self._finish(slot, request, "error", *failure(request.adapter, failed[slot]))
             elif logits[slot] is not None:

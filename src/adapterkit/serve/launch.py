@@ -80,6 +80,7 @@ class Options:
     dtype: str = "fp32"  # the base's weights: fp32, bf16 (AVX512-BF16 CPUs: ~3x faster matmuls) or fp16
     quantize: str | None = None  # "int8" / "int4": the base's Linear weights through torchao (core.quantize)
     timeouts: Timeouts = Timeouts()  # slow clients: a request's head and body (serve.guard)
+    prefill_chunk: int = 64  # prompt positions per prefill forward, and per step while others decode
 
 
 def build(model_dir: str, options: Options) -> FastAPI:
@@ -94,7 +95,7 @@ def build(model_dir: str, options: Options) -> FastAPI:
         sweep()  # what a download killed mid-way left in the hub cache
     if kind == CAUSAL:
         engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                        max_context=options.max_context)  # fmt: skip
+                        max_context=options.max_context, prefill_chunk=options.prefill_chunk)  # fmt: skip
     else:
         engine = Direct(model)
     registry = Registry(engine, options.adapters, Bounds(options.max_adapters, options.max_adapter_bytes), options.hub)

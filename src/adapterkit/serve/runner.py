@@ -1,9 +1,10 @@
 """Runs the model for the engine: one forward over a batch of rows, each row through its own sequence's
 KV cache and its own adapter, with a fixed row count so that no row's result depends on the others.
 
-``prefill`` runs one request's prompt alone; ``decode`` runs one token for every slot (``max_batch``
-rows; free slots are dummy rows whose outputs are discarded: a CPU matmul's row result depends on the
-number of rows, ``benchmarks/serve_prefill_bound.py``). A step that fails is retried one adapter at a time
+``prefill`` runs one chunk of one request's prompt alone (the chunks lie at fixed positions, so a prompt
+is cut alike under any load); ``decode`` runs one token for every slot (``max_batch`` rows; free slots are
+dummy rows whose outputs are discarded: a CPU matmul's row result depends on the number of rows,
+``benchmarks/serve_prefill_bound.py``). A step that fails is retried one adapter at a time
 (:meth:`Runner.isolate`): by batch invariance, the healthy rows get exactly what the joint step gave.
 """
 
@@ -32,18 +33,35 @@ class Runner:
         self.device = next(model.parameters()).device
         self.cache = SlotCache(max_batch)
         self.bank = Bank(model)  # the loaded adapters' tables, per site: rewritten only when they change
+        self.chunkable: dict[str, bool] = {}
 
     def changed(self) -> None:
         """The model's adapters may have changed (a call ran on it): the bank follows."""
         self.bank.sync()
+        self.chunkable.clear()
 
-    def prefill(self, slot: int, request: Request) -> torch.Tensor:
-        """The prompt alone through the model and its adapter, into ``slot``: the last position's logits."""
+    def start(self, slot: int, request: Request) -> None:
+        """``request`` takes ``slot``: an empty cache with room for all its positions."""
         self.cache.reset(slot)
         self.cache.reserve(len(request.prompt) + request.sampling.max_tokens + 1)
-        ids = torch.tensor([request.prompt], device=self.device)
-        positions = torch.arange(len(request.prompt), device=self.device)[None]
+
+    def prefill(self, slot: int, request: Request, end: int) -> torch.Tensor:
+        """Prompt positions ``[request.prefilled, end)`` alone through the model and its adapter, into
+        ``slot``'s cache: the last position's logits."""
+        start = request.prefilled
+        ids = torch.tensor([request.prompt[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
         return self.forward([Row(slot, request.adapter)], ids, positions)[0]
+
+    def chunks_prompts(self, adapter: str | None) -> bool:
+        """Whether prompts through ``adapter`` may be prefilled in chunks (not where a prompt or prefix is
+        inserted on a prompt's first forward)."""
+        if adapter is None:
+            return True
+        if adapter not in self.chunkable:
+            modules = (m for _, m in st.adapter_modules(self.model, adapter))
+            self.chunkable[adapter] = all(getattr(m, "chunked_prompts", True) for m in modules)
+        return self.chunkable[adapter]
 
     def release(self, slot: int) -> None:
         """``slot``'s sequence ended: its positions are free (zeroed when the next sequence takes it)."""

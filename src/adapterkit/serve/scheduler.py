@@ -30,6 +30,11 @@ class Request:
     text: TextDeltas
     generator: torch.Generator | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
+    prefilled: int = 0  # prompt positions in the cache: a long prompt is prefilled in chunks
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
 
     @property
     def position(self) -> int:
@@ -80,3 +85,11 @@ class Scheduler:
 
     def busy(self) -> bool:
         return any(r is not None for r in self.slots)
+
+    def prefilling(self) -> list[tuple[int, Request]]:
+        """Running requests whose prompt is not all in the cache yet, oldest first."""
+        return sorted(((i, r) for i, r in self.running() if r.prefilling), key=lambda pair: pair[1].submitted)
+
+    def decoding(self) -> list[Request | None]:
+        """Per slot: its request if it decodes (its prompt all in the cache), else None."""
+        return [r if r is not None and not r.prefilling else None for r in self.slots]

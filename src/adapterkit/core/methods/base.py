@@ -33,6 +33,9 @@ class AdapterModule(nn.Module):
     """
 
     edits_inputs = False  # True: the slot also calls adapt_inputs before the host's forward
+    # False where a prompt must be seen in one forward (a prompt or prefix inserted on the first): the
+    # serving engine then prefills it whole rather than in chunks
+    chunked_prompts = True
     blocks: frozenset[str] = frozenset({"average", "split", "rows", "rows_nested"})
     why_not = "this adapter's method does not support that block"
     kv_rows = staticmethod(loop_kv_rows)

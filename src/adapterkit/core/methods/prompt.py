@@ -36,6 +36,7 @@ _WHY = "a prompt changes the sequence length; use Stack, or PerRow/BatchSplit/Pa
 
 class _PromptPart(AdapterModule):
     blocks = frozenset({"rows"})
+    chunked_prompts = False
     why_not = _WHY
 
     def row_key(self):
