@@ -17,11 +17,16 @@ its tokens over its seconds summed across rounds.
 Latency: time to first streamed token (TTFT) and to the end, unloaded (one request at a time), under
 the 64-adapter load above (all clients start at once: a burst), and under a steady load (requests for
 the 64 adapters arriving at random, Poisson, ``--rate`` per second); p50 and p99 over the requests.
+Bounds, measured in this process on the same base: the burst's prefill bound (the 16 prompts in one
+batched forward, best of 3) and transformers' own ``generate`` of one prompt (16 tokens, greedy, best of
+3) against one request served alone. A long prompt (~1,500 tokens) arriving while ``--clients - 1``
+streams decode: their inter-token latency p99 before it arrived and while it was prefilled.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import socket
@@ -126,9 +131,12 @@ class Server:
         self.process.wait(60)
 
 
-def request(url: str, model: str, tokens: int = TOKENS) -> tuple[float, float, int]:
-    """One streamed completion: seconds to the first token, to the end, and completion tokens."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+def request(
+    url: str, model: str, tokens: int = TOKENS, prompt: str = PROMPT, times: list | None = None
+) -> tuple[float, float, int]:
+    """One streamed completion: seconds to the first token, to the end, and completion tokens (``times``
+    gets the arrival time of every text event)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
     body["stream_options"] = {"include_usage": True}
     start, first, tokens = time.perf_counter(), None, 0
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=600) as reply:
@@ -137,12 +145,58 @@ def request(url: str, model: str, tokens: int = TOKENS) -> tuple[float, float, i
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if first is None and event["choices"] and event["choices"][0]["text"]:
-                first = time.perf_counter()
+            if event["choices"] and event["choices"][0]["text"]:
+                first = first or time.perf_counter()
+                if times is not None:
+                    times.append(time.perf_counter())
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     end = time.perf_counter()
     return (first or end) - start, end - start, tokens
+
+
+def long_prompt_itl(url: str, models: list[str], streams: int, long_prompt: str) -> dict[str, float]:
+    """``streams`` requests decoding 200 tokens; once they run, one request with ``long_prompt`` arrives.
+    The streams' inter-token latency p99 before it arrived, and from its arrival to its first token."""
+    times: list[list[float]] = [[] for _ in range(streams)]
+    with ThreadPoolExecutor(streams + 1) as pool:
+        runs = [pool.submit(request, url, models[k % len(models)], 200, PROMPT, times[k]) for k in range(streams)]
+        while min(len(t) for t in times) < 20:
+            time.sleep(0.05)
+        arrived = time.perf_counter()
+        ttft, _, _ = pool.submit(request, url, models[-1], 1, long_prompt).result()
+        answered = arrived + ttft
+        for run in runs:
+            run.result()
+    gaps = [(b, b - a) for t in times for a, b in itertools.pairwise(t)]
+    before = [g for at, g in gaps if at < arrived]
+    during = [g for at, g in gaps if arrived <= at <= answered] or [0.0]
+    return {"before": pct(before, 0.99), "during": pct(during, 0.99), "ttft": ttft}
+
+
+def bounds(model_dir: str, dtype: str, clients: int) -> dict[str, float]:
+    """In this process: the 16 prompts prefilled in one batched forward, and transformers' ``generate`` of
+    one prompt (TOKENS new tokens, greedy), best of 3 each, in seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=kind).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    with torch.no_grad():
+        prefill = best(lambda: model(ids.repeat(clients, 1), logits_to_keep=1))
+        generate = best(
+            lambda: model.generate(ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False, pad_token_id=0)
+        )
+    return {"prefill": prefill, "generate": generate, "prompt_tokens": ids.shape[1]}
 
 
 def load(url: str, models: list[str], clients: int, per_client: int) -> tuple[float, list[tuple[float, float, int]]]:
@@ -218,11 +272,19 @@ def main() -> None:
             latency["burst: all clients at once (64 LoRAs)"] = [x for _, res in rows["64 distinct LoRAs"] for x in res]
             count = args.clients * args.requests
             latency[f"steady: {args.rate:g} requests/s, Poisson (64 LoRAs)"] = steady(url, loras, args.rate, count)
+            quiet.append(quiet_line())
+            long_prompt = " ".join([PROMPT] * 95)  # ~1,500 tokens
+            itl = long_prompt_itl(url, loras, args.clients - 1, long_prompt)
         finally:
             for server in servers.values():
                 server.stop()
     throughput = {k: sum(x[2] for _, res in runs for x in res) / sum(t for t, _ in runs) for k, runs in rows.items()}
     bare = throughput["bare model"]
+    bound = bounds(model_dir, args.dtype, args.clients)
+    burst = pct([r[0] for r in latency["burst: all clients at once (64 LoRAs)"]], 0.99)
+    unloaded = pct([r[0] for r in latency["unloaded"]], 0.99)
+    alone = statistics.median(r[2] / r[1] for r in latency["unloaded"])  # tokens/s of one request alone
+    hf = TOKENS / bound["generate"]
     lines = [
         f"SmolLM2-135M-Instruct, {args.dtype} base, 2 threads, loopback; {args.clients} concurrent clients x "
         f"{args.requests} "
@@ -249,6 +311,16 @@ def main() -> None:
         ],
         "",
         f"Mean completion length: {statistics.mean(x[2] for _, r in rows['bare model'] for x in r):.1f} tokens (bare).",
+        "",
+        f"Bounds (this process, {bound['prompt_tokens']}-token prompt): {args.clients} prompts prefilled in one "
+        f"batched forward {bound['prefill']:.2f} s; burst TTFT p99 is **{burst / bound['prefill']:.2f}x** that bound "
+        f"and **{burst / unloaded:.2f}x** unloaded TTFT p99. One request alone streams {alone:.1f} tokens/s "
+        f"(end to end, HTTP included) vs transformers' `generate` of one prompt {hf:.1f} tokens/s: "
+        f"**{alone / hf:.2f}x**.",
+        "",
+        f"A ~1,500-token prompt arriving while {args.clients - 1} streams decode (LoRAs, `--prefill-chunk` default): "
+        f"their inter-token latency p99 {itl['before']:.3f} s before, {itl['during']:.3f} s while it was prefilled "
+        f"(**{itl['during'] / itl['before']:.2f}x**); its TTFT {itl['ttft']:.2f} s.",
     ]
     text = "\n".join(lines)
     print(text)

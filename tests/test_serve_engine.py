@@ -172,6 +172,53 @@ def test_long_prompts_prefill_in_chunks_beside_running_streams_and_equal_alone(l
         assert reference[0, len(prompt) :].tolist() == tokens, adapter
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_burst_is_prefilled_packed_and_equals_each_request_alone(monkeypatch, dtype):
+    """Without prefix attention, waiting prompts share prefill forwards of exactly ``prefill_chunk`` tokens
+    (one token a row, each prompt attending its own cache): a burst of 12 (and a failing adapter among them)
+    gives each request the bits it gets alone; in fp32 its tokens equal transformers' generate."""
+    from adapterkit.serve import runner as runner_module
+
+    packed = []
+    real = runner_module.Runner.prefill_packed
+    monkeypatch.setattr(
+        runner_module.Runner,
+        "prefill_packed",
+        lambda self, chunks, rows: packed.append(len(chunks)) or real(self, chunks, rows),
+    )
+    model = chat_llama(eos_token_id=None).to(dtype)
+    for name, (method, options) in KINDS.items():
+        if name != "prefix":
+            ak.add_adapter(model, name, method, **options)
+    ak.add_adapter(model, "broken", "lora", r=4)
+    randomize_adapters(model, std=1.0)
+    for _, module in adapter_modules(model, "broken"):
+        module.__class__ = Boom
+    tok = tokenizer()
+    tok.eos_token = None
+    e = Engine(model, tok, max_batch=16, prefill_chunk=24)
+    e.start()
+    try:
+        names = ["lora", "ia3", None, "pfeiffer", "houlsby", "prompt", "lora8", "lora", None, "ia3", "houlsby", "lora"]
+        work = list(zip(prompts(len(names), seed=7), names, strict=True))
+        alone = [serve(e, p, a, max_tokens=6)[:2] for p, a in work]
+        packed.clear()
+        streams = [e.submit(p, a, Sampling(max_tokens=6)) for p, a in work]
+        broken = [e.submit(work[0][0], name, Sampling(max_tokens=6)) for name in ("broken", "missing")]
+        assert [(s.result()[1] and s.tokens, s.logprobs) for s in streams] == alone
+        assert [s.result()[1].code for s in broken] == ["adapter_failed"] * 2
+        assert max(packed) >= 3  # several prompts in one forward
+        for (prompt, adapter), (tokens, _) in zip(work, alone, strict=True) if dtype == torch.float32 else ():
+            ak.set_active(model, adapter)
+            with torch.no_grad():
+                reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
+            ak.set_active(model, None)
+            assert reference[0, len(prompt) :].tolist() == tokens, adapter
+    finally:
+        e.stop()
+
+
 def test_continuous_batching_a_short_request_overtakes_a_long_one(engine):
     e = engine(max_batch=2)
     long = e.submit(prompts(1)[0], "lora", Sampling(max_tokens=1500))  # seconds of decoding: margin on a slow box

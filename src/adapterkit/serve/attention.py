@@ -49,6 +49,17 @@ class Row:
     adapter: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A chunk of one prompt in a packed prefill: ``count`` positions from ``start`` of ``slot``'s sequence,
+    at rows ``first .. first + count - 1`` of the forward (one token a row)."""
+
+    slot: int
+    start: int
+    first: int
+    count: int
+
+
 @dataclasses.dataclass
 class Step:
     """What the attention function needs during one forward: the rows (None: a dummy row, whose output is
@@ -65,6 +76,8 @@ class Step:
     written: int = 0  # positions each row's cache got in this forward
     where: tuple[torch.Tensor, ...] = ()  # decode: the (chunk, slot, offset) of each row's new position
     past: list[torch.Tensor] = dataclasses.field(default_factory=list)  # decode: per chunk, positions past a row's end
+    live: list[torch.Tensor | None] = dataclasses.field(default_factory=list)  # decode: per chunk, rows reaching it
+    segments: list[Segment] | None = None  # a packed prefill: the prompts' chunks, one token a row
 
     def __post_init__(self) -> None:
         if self.decode:
@@ -79,9 +92,23 @@ class Step:
         positions = torch.arange(-(-(int(lengths.max()) + 1) // CHUNK) * CHUNK)
         past = (positions[None] > lengths[:, None])[:, None, None]  # (rows, 1, 1, positions)
         self.past = list(past.split(CHUNK, dim=-1))
+        # a chunk wholly past a row's end adds exact zeros to it: only the rows reaching the chunk attend it
+        # (None: all), so a step costs what its rows' lengths need, not the longest row's for every row
+        reach = [(lengths >= c * CHUNK).nonzero().squeeze(1) for c in range(len(self.past))]
+        self.live = [None if len(rows) == len(lengths) else rows for rows in reach]
 
     def start(self, row: Row) -> int:
         return self.cache.lengths[row.slot]
+
+    def commit(self) -> None:
+        """Each sequence's cache keeps the positions this forward gave it."""
+        if self.segments is not None:
+            for segment in self.segments:
+                self.cache.lengths[segment.slot] += segment.count
+            return
+        for row in self.rows:
+            if row is not None:
+                self.cache.lengths[row.slot] += self.written
 
 
 _CURRENT = threading.local()
@@ -114,11 +141,13 @@ def serve_attention(module: nn.Module, query, key, value, attention_mask, *args,
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     step.written = key.shape[2]
+    if step.segments is not None:
+        return _packed(step, module, query, key, value, *args, **kwargs), None
     if step.decode and not step.inner.startswith("adapterkit_"):
         step.cache.write_all(module.layer_idx, step.where, key, value)
         keys, values = step.cache.layers[module.layer_idx]
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        return decode_all(query, keys, values, step.past, scaling), None
+        return decode_all(query, keys, values, step.past, scaling, step.live), None
     return _row_by_row(step, module, query, key, value, *args, **kwargs), None
 
 
@@ -146,33 +175,71 @@ def _row_by_row(step: Step, module: nn.Module, query, key, value, *args, **kwarg
     return torch.cat(outs)
 
 
+def _packed(step: Step, module: nn.Module, query, key, value, *args, **kwargs) -> torch.Tensor:
+    """A packed prefill (one token a row): each segment's rows as one sequence, ``(1, heads, count, hd)``,
+    against its slot's cache through the model's attention function, as that chunk runs alone."""
+    attend = _inner(step.inner, module)
+    out = query.new_zeros(query.shape[0], 1, query.shape[1], query.shape[3])  # dummy rows: zeros
+    for seg in step.segments:
+        rows = slice(seg.first, seg.first + seg.count)
+        q, k, v = (t[rows, :, 0].transpose(0, 1)[None].contiguous() for t in (query, key, value))
+        step.cache.write(module.layer_idx, seg.slot, seg.start, k, v)
+        keys, values = step.cache.read(module.layer_idx, seg.slot, seg.start + seg.count)
+        part, _ = attend(module, q, keys, values, _causal_mask(step.inner, q, keys), *args, **kwargs)
+        out[rows, 0] = part[0]
+    return out
+
+
 def decode_all(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: list[torch.Tensor], scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    past: list[torch.Tensor],
+    scaling: float,
+    live: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Every row's one query against its slot's cache: ``query`` (rows, heads, 1, hd), ``keys``/``values``
-    (chunks, rows, kv_heads, CHUNK, hd), ``past[c]`` (rows, 1, 1, CHUNK) true past a row's end; returns
-    (rows, 1, heads, hd) as transformers' attention functions do.
+    (chunks, rows, kv_heads, CHUNK, hd), ``past[c]`` (rows, 1, 1, CHUNK) true past a row's end, ``live[c]``
+    the rows that reach chunk ``c`` (None: all); returns (rows, 1, heads, hd) as transformers' attention
+    functions do.
 
     Grouped-query heads share their kv head by a reshape (no copy of the cache); chunk ``c``'s scores,
     maximum ``m_c``, weights ``exp(s - m_c)``, their sum and weighted values are combined in chunk order.
-    A chunk wholly past a row's end has ``m_c = -inf``: its weight ``exp(m_c - m)`` is exactly 0."""
+    A chunk wholly past a row's end would have ``m_c = -inf`` and weight ``exp(m_c - m) = 0``, leaving the
+    row's sums as they were to the bit: such rows are left out of it."""
     rows, heads, _, hd = query.shape
     q = query.reshape(rows, keys.shape[2], heads // keys.shape[2], hd)  # (rows, kv, group, hd)
-    out = total = top = None
-    for c, beyond in enumerate(past):
-        scores = torch.matmul(q, keys[c].transpose(-1, -2)).mul_(scaling).masked_fill_(beyond, float("-inf"))
-        peak = scores.amax(dim=-1, keepdim=True)  # (rows, kv, group, 1)
-        safe = peak.masked_fill(peak == float("-inf"), 0.0)
-        weights = torch.exp(scores - safe)
-        part, mass = torch.matmul(weights, values[c]), weights.sum(dim=-1, keepdim=True)
-        if out is None:  # chunk 0 holds position 0 of every row: never wholly masked
-            out, total, top = part, mass, peak
+    out, total, top = _chunk(q, keys[0], values[0], past[0], scaling)  # chunk 0 holds every row's position 0
+    for c in range(1, len(past)):
+        rows_c = None if live is None else live[c]
+        if rows_c is None:
+            out, total, top = _combine((out, total, top), _chunk(q, keys[c], values[c], past[c], scaling))
             continue
-        new_top = torch.maximum(top, peak)
-        old_scale = torch.exp(top - new_top)
-        scale = torch.exp(safe - new_top).masked_fill_(peak == float("-inf"), 0.0)
-        out, total, top = out * old_scale + part * scale, total * old_scale + mass * scale, new_top
+        if not len(rows_c):
+            break  # no row reaches this chunk, nor any later one
+        pick = (t.index_select(0, rows_c) for t in (q, keys[c], values[c], past[c]))
+        mine = _combine(tuple(t.index_select(0, rows_c) for t in (out, total, top)), _chunk(*pick, scaling))
+        out, total, top = (t.index_copy(0, rows_c, m) for t, m in zip((out, total, top), mine, strict=True))
     return (out / total).reshape(rows, heads, hd)[:, None]
+
+
+def _chunk(q, keys, values, beyond, scaling):
+    """One chunk's weighted values, weight sums and score maxima per row (-inf where all are masked)."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scaling).masked_fill_(beyond, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True)  # (rows, kv, group, 1)
+    safe = peak.masked_fill(peak == float("-inf"), 0.0)
+    weights = torch.exp(scores - safe)
+    return torch.matmul(weights, values), weights.sum(dim=-1, keepdim=True), peak
+
+
+def _combine(state, chunk):
+    """The online softmax: the sums so far and a new chunk's, rescaled to their common maximum."""
+    (out, total, top), (part, mass, peak) = state, chunk
+    new_top = torch.maximum(top, peak)
+    old_scale = torch.exp(top - new_top)
+    safe = peak.masked_fill(peak == float("-inf"), 0.0)
+    scale = torch.exp(safe - new_top).masked_fill_(peak == float("-inf"), 0.0)
+    return out * old_scale + part * scale, total * old_scale + mass * scale, new_top
 
 
 def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
@@ -250,9 +317,7 @@ def engine_forward(model: nn.Module, step: Step) -> Iterator[StepCache]:
     finally:
         config._attn_implementation = step.inner
         _CURRENT.step = None
-    for row in step.rows:
-        if row is not None:
-            step.cache.lengths[row.slot] += step.written
+    step.commit()
 
 
 def _register() -> None:

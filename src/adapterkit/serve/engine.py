@@ -257,17 +257,61 @@ class Engine:
                 self.runner.start(slot, request)
 
     def _prefill_some(self) -> None:
-        """Prompt chunks, oldest request first: while others decode, at most ``prefill_chunk`` tokens (at
-        least one chunk), else all that wait."""
-        budget = self.prefill_chunk if any(self.scheduler.decoding()) else float("inf")
-        spent = 0
-        for slot, request in self.scheduler.prefilling():
-            while request.prefilling and self.scheduler.slots[slot] is request:
-                end = self._chunk_end(request)
-                if spent and spent + end - request.prefilled > budget:
-                    return
-                spent += end - request.prefilled
-                self._prefill(slot, request, end)
+        """Prompt chunks, oldest request first, packed into forwards of ``prefill_chunk`` tokens: one forward
+        while others decode (so that they keep their pace), else until every prompt is in."""
+        just_one = any(self.scheduler.decoding())
+        while waiting := self.scheduler.prefilling():
+            chunks = self._pack(waiting)
+            if chunks:
+                self._prefill_packed(chunks)
+            else:
+                slot, request = waiting[0]
+                self._prefill(slot, request, self._chunk_end(request))
+            if just_one:
+                return
+
+    def _pack(self, waiting: list[tuple[int, Request]]) -> list[tuple[int, Request, int]]:
+        """The next chunks of the waiting prompts, oldest first, that fit one packed forward; none where the
+        oldest must run alone (the model's prefix attention, or an adapter that needs its prompt whole)."""
+        if not self.runner.packs_prompts():
+            return []
+        chunks, spent = [], 0
+        for slot, request in waiting:
+            if not self.runner.chunks_prompts(request.adapter):
+                if not chunks:
+                    return []
+                continue
+            end = self._chunk_end(request)
+            if spent + end - request.prefilled > self.prefill_chunk:
+                break
+            chunks.append((slot, request, end))
+            spent += end - request.prefilled
+        return chunks
+
+    def _prefill_packed(self, chunks: list[tuple[int, Request, int]]) -> None:
+        """One packed forward; if it fails, each chunk alone in a forward of the same rows (the same bits
+        for the healthy ones), so that a failing adapter fails only its own request."""
+        started = time.monotonic()
+        try:
+            results = list(zip(chunks, self.runner.prefill_packed(chunks, self.prefill_chunk), strict=True))
+        except Exception:  # noqa: BLE001 (one adapter's failure: find it, the others go on)
+            results = []
+            for chunk in chunks:
+                try:
+                    results += zip([chunk], self.runner.prefill_packed([chunk], self.prefill_chunk), strict=True)
+                except Exception as e:  # noqa: BLE001
+                    self._finish(chunk[0], chunk[1], "error", *failure(chunk[1].adapter, e))
+        self._stats["prefill_seconds"] += time.monotonic() - started
+        for (slot, request, end), logits in results:
+            self._prefilled(slot, request, end, logits)
+
+    def _prefilled(self, slot: int, request: Request, end: int, logits: torch.Tensor) -> None:
+        """``request``'s prompt is in the cache up to ``end``: at its end, the first token."""
+        self._stats["prompt_tokens"] += end - request.prefilled
+        request.prefilled = end
+        if not request.prefilling:
+            self._stats["prefills"] += 1
+            self._update(slot, request, logits, finite_rows(logits[None])[0])
 
     def _chunk_end(self, request: Request) -> int:
         """Where the prompt's next chunk ends: at the next multiple of ``prefill_chunk`` (the same cut under
@@ -277,18 +321,15 @@ class Engine:
         return min(len(request.prompt), (request.prefilled // self.prefill_chunk + 1) * self.prefill_chunk)
 
     def _prefill(self, slot: int, request: Request, end: int) -> None:
+        """A chunk of one prompt in a forward of its own (exactly its tokens)."""
         started = time.monotonic()
         try:
             logits = self.runner.prefill(slot, request, end)
         except Exception as e:  # noqa: BLE001 (the request's own adapter, or prompt, failed: only it ends)
             self._finish(slot, request, "error", *failure(request.adapter, e))
             return
-        self._stats["prompt_tokens"] += end - request.prefilled
         self._stats["prefill_seconds"] += time.monotonic() - started
-        request.prefilled = end
-        if not request.prefilling:
-            self._stats["prefills"] += 1
-            self._update(slot, request, logits, finite_rows(logits[None])[0])
+        self._prefilled(slot, request, end, logits)
 
     def _decode(self) -> None:
         started = time.monotonic()

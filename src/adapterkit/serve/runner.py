@@ -18,7 +18,7 @@ from torch import nn
 from adapterkit.core import state as st
 from adapterkit.core.banks import Bank
 from adapterkit.core.composition import Stack
-from adapterkit.serve.attention import Row, Step, engine_forward
+from adapterkit.serve.attention import Row, Segment, Step, engine_forward
 from adapterkit.serve.kv_cache import SlotCache
 from adapterkit.serve.scheduler import Request
 
@@ -52,6 +52,45 @@ class Runner:
         ids = torch.tensor([request.prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         return self.forward([Row(slot, request.adapter)], ids, positions)[0]
+
+    def prefill_packed(self, chunks: list[tuple[int, Request, int]], rows: int) -> Logits:
+        """Several prompts' chunks ``(slot, request, end)`` in one forward of exactly ``rows`` tokens, one
+        token a row (the rest dummy rows): per chunk, the logits of its last position."""
+        ids, positions, names, segments = [], [], [], []
+        for slot, request, end in chunks:
+            start = request.prefilled
+            segments.append(Segment(slot, start, len(ids), end - start))
+            ids += request.prompt[start:end]
+            positions += range(start, end)
+            names += [Row(slot, request.adapter)] * (end - start)
+        pad = rows - len(ids)
+        ids, positions, names = ids + [0] * pad, positions + [0] * pad, names + [None] * pad
+        step = Step(names, self.cache, segments=segments)
+        last = [s.first + s.count - 1 for s in segments]
+        keep = last + [0] * (self.max_batch - len(last))  # a fixed row count for the LM head too
+        with self.head_rows(keep) as kept:
+            logits = self.run(step, torch.tensor(ids, device=self.device)[:, None], torch.tensor(positions)[:, None])
+        return [logits[i] for i in (range(len(last)) if kept else last)]
+
+    @contextlib.contextmanager
+    def head_rows(self, keep: list[int]):
+        """Inside the block the LM head computes only rows ``keep`` of its input (yields True), unless it
+        carries adapters (whose per-row setup covers every row: yields False, all rows computed)."""
+        head = self.model.get_output_embeddings()
+        if head is None or st.SLOT in head._modules:
+            yield False
+            return
+        index = torch.tensor(keep, device=self.device)
+        handle = head.register_forward_pre_hook(lambda module, args: (args[0].index_select(0, index), *args[1:]))
+        try:
+            yield True
+        finally:
+            handle.remove()
+
+    def packs_prompts(self) -> bool:
+        """Whether prompts may share a forward: not where adapterkit's prefix attention runs (one adapter a
+        call) or an adapter must see its prompt whole."""
+        return self.model.config._attn_implementation in ("sdpa", "eager")
 
     def chunks_prompts(self, adapter: str | None) -> bool:
         """Whether prompts through ``adapter`` may be prefilled in chunks (not where a prompt or prefix is
@@ -101,8 +140,12 @@ class Runner:
     def forward(self, rows: list[Row | None], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The last position's logits (rows, vocab) in float32; commits what each row's cache got. A forward
         of one position per slot is a decoding step (every row attends at once)."""
-        step = Step(rows, self.cache, decode=ids.shape == (self.max_batch, 1))
-        setup = self.setup([r.adapter if r else None for r in rows])
+        return self.run(Step(rows, self.cache, decode=ids.shape == (self.max_batch, 1)), ids, positions)
+
+    def run(self, step: Step, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``step``'s forward: the last position's logits per row, in float32."""
+        positions = positions.to(self.device)
+        setup = self.setup([r.adapter if r else None for r in step.rows])
         with torch.inference_mode(), setup, engine_forward(self.model, step) as cache:
             out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
