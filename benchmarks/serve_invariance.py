@@ -10,6 +10,11 @@ log-probabilities differ in any bit. The same prompts through ``ak.generate`` (t
 engine alone vs ``ak.generate`` of the single prompt. Throughput: the engine with 8 distinct LoRA adapters
 vs the bare model, 1/8/16 concurrent requests of 16 tokens (max_batch 16). The CPU is shared with other
 work, so times are indicative.
+
+Then the loads that reach the engine's other paths, on a model without the prefix adapter (whose attention
+function makes the engine prefill one prompt a forward): a burst (every request at once: prompts packed
+into shared prefill forwards), and long prompts (~200 tokens, ``prefill_chunk`` 64: each prefilled in
+chunks while the first wave decodes), in fp32 and on a bf16 base; each request against itself alone.
 """
 
 from __future__ import annotations
@@ -56,13 +61,14 @@ def load():
     return model, tok
 
 
-def add_adapters(model) -> None:
+def add_adapters(model, prefix: bool = True) -> None:
     for i in range(8):
         ak.add_adapter(model, f"lora{i}", "lora", r=8)
     ak.add_adapter(model, "ia3", "ia3")
     ak.add_adapter(model, "pfeiffer", "pfeiffer")
     ak.add_adapter(model, "houlsby", "houlsby")
-    ak.add_adapter(model, "prefix", "prefix", prefix_length=4, flat=True)
+    if prefix:
+        ak.add_adapter(model, "prefix", "prefix", prefix_length=4, flat=True)
     ak.add_adapter(model, "prompt", "prompt", prompt_length=4, init="vocab")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # changes the answers without wrecking them
@@ -77,14 +83,15 @@ def chat_ids(tok, question: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def engine_runs(engine: Engine, work: list) -> tuple[list, list]:
-    """Each request alone, then all at once (two waves): (tokens, logprobs) per request, each way."""
+def engine_runs(engine: Engine, work: list, waves: int = 2) -> tuple[list, list]:
+    """Each request alone, then all at once (in two waves, or one: a burst): (tokens, logprobs) per request,
+    each way."""
     alone = []
     for ids, adapter in work:
         s = engine.submit(ids, adapter, Sampling(max_tokens=TOKENS))
         s.result()
         alone.append((s.tokens, s.logprobs))
-    half = len(work) // 2
+    half = len(work) // 2 if waves == 2 else len(work)
     streams = [engine.submit(ids, a, Sampling(max_tokens=TOKENS)) for ids, a in work[:half]]
     next(iter(streams[0]))
     streams += [engine.submit(ids, a, Sampling(max_tokens=TOKENS)) for ids, a in work[half:]]
@@ -182,8 +189,36 @@ def main() -> None:
         f"{stats['prefill_seconds'] / stats['prefills'] * 1000:.0f} ms per prefill.",
         "",
     ]
+    lines += other_paths(tok)
     if args.output:
         args.output.write_text("\n".join(lines))
+
+
+def other_paths(tok) -> list[str]:
+    """Bursts (packed prefill) and long prompts in chunks, fp32 and bf16, on a model without prefix attention."""
+    lines = ["| load (no prefix adapter; `prefill_chunk` 64) | tokens differ | log-probs differ (any bit) |"]
+    lines.append("|---|---|---|")
+    plain = [a for a in ADAPTERS if a != "prefix"]
+    questions = QUESTIONS[: len(plain)]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load()[0].to(dtype)
+        add_adapters(model, prefix=False)
+        engine = Engine(model, tok, max_batch=16, prefill_chunk=64)
+        engine.start()
+        loads = {
+            "burst: every request at once": ([(chat_ids(tok, q), a) for q, a in zip(questions, plain, strict=True)], 1),
+            "long prompts (~200 tokens) in chunks, arriving while others decode": (
+                [(chat_ids(tok, " ".join([q] * 20)), a) for q, a in zip(questions, plain, strict=True)],
+                2,
+            ),
+        }
+        for name, (work, waves) in loads.items():
+            alone, together = engine_runs(engine, work, waves)
+            tokens = share([t for t, _ in together], [t for t, _ in alone])
+            lines.append(f"| {str(dtype).removeprefix('torch.')}, {name} | {tokens} | {share(together, alone)} |")
+            print(lines[-1], flush=True)
+        engine.stop()
+    return ["", *lines, ""]
 
 
 if __name__ == "__main__":

@@ -105,13 +105,16 @@ class Server:
     """``adapterkit serve`` in its own process on a free loopback port (as clients meet it: the clients'
     threads here do not share the server's interpreter lock)."""
 
-    def __init__(self, model_dir: str, sources: dict[str, str], max_batch: int, dtype: str = "fp32") -> None:
+    def __init__(
+        self, model_dir: str, sources: dict[str, str], max_batch: int, dtype: str = "fp32", extra: list[str] = ()
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "adapterkit", "serve", "--model", model_dir, "--port", str(port)]
         command += [f"--adapter={name}={path}" for name, path in sources.items()]
         command += ["--max-batch", str(max_batch), "--max-adapters", "128", "--max-queue", "1024", "--dtype", dtype]
+        command += extra
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300

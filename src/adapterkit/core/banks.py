@@ -120,9 +120,11 @@ class Bank:
     def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
         self.model, self.only = model, None if names is None else list(dict.fromkeys(names))
         self.slots: dict[str, int] = {}
-        self.stamps: dict[str, nn.Module] = {}  # the module an adapter had when it came: a replaced one differs
+        # where an adapter's first module sat when it came, and that module: a replaced adapter's differs
+        self.stamps: dict[str, tuple[nn.Module, nn.Module]] = {}
         self.sites: dict[int, dict[Any, Group]] = {}  # id(host slot) -> row_key -> group
         self.placed: dict[str, list[tuple[dict, Any]]] = {}
+        self.whole: set[str] = set()  # adapters whose prompts must be seen whole (``chunked_prompts`` False)
         self.capacity = 8
         self.device = next(model.parameters()).device
         self.sync()
@@ -133,7 +135,7 @@ class Bank:
         ``reload=True`` takes them again."""
         state = self.model.__dict__.get(st.STATE)
         present = [n for n in (state.configs if state else []) if self.only is None or n in self.only]
-        stale = [n for n in self.slots if reload or n not in present or self._first(n) is not self.stamps[n]]
+        stale = [n for n in self.slots if reload or n not in present or not self._same(n)]
         for name in stale:
             self.remove(name)
         for name in present:
@@ -146,9 +148,12 @@ class Bank:
         slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots.values())
         if slot >= self.capacity:
             self._widen(2 * self.capacity)
-        self.slots[name], self.stamps[name], self.placed[name] = slot, self._first(name), []
+        self.slots[name], self.placed[name] = slot, []
         with torch.no_grad():
             for host, module in st.adapter_modules(self.model, name):
+                self.stamps.setdefault(name, (host._modules[st.SLOT], module))
+                if not getattr(module, "chunked_prompts", True):
+                    self.whole.add(name)
                 site = self.sites.setdefault(id(host._modules[st.SLOT]), {})
                 key = module.row_key()
                 group = site.setdefault(key, Group(module, self.capacity, self.device))
@@ -158,7 +163,8 @@ class Bank:
     def remove(self, name: str) -> None:
         """Free adapter ``name``'s slot: its entries become the identity, and nothing of it is kept."""
         slot = self.slots.pop(name)
-        del self.stamps[name]
+        self.stamps.pop(name, None)
+        self.whole.discard(name)
         with torch.no_grad():
             for site, key in self.placed.pop(name):
                 site[key].remove(slot)
@@ -180,8 +186,12 @@ class Bank:
                 group.capacity = capacity
                 group._index()
 
-    def _first(self, name: str) -> nn.Module | None:
-        return next((module for _, module in st.adapter_modules(self.model, name)), None)
+    def _same(self, name: str) -> bool:
+        """Whether adapter ``name`` is still the one that took its slot (a dict lookup, not a model walk)."""
+        if name not in self.stamps:
+            return True  # an adapter with no module (all merged away): nothing to go stale
+        host_slot, module = self.stamps[name]
+        return host_slot._modules.get(name) is module
 
     def slot(self, name: str | None) -> int:
         if name is None:

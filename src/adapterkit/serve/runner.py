@@ -33,12 +33,10 @@ class Runner:
         self.device = next(model.parameters()).device
         self.cache = SlotCache(max_batch)
         self.bank = Bank(model)  # the loaded adapters' tables, per site: rewritten only when they change
-        self.chunkable: dict[str, bool] = {}
 
     def changed(self) -> None:
         """The model's adapters may have changed (a call ran on it): the bank follows."""
         self.bank.sync()
-        self.chunkable.clear()
 
     def start(self, slot: int, request: Request) -> None:
         """``request`` takes ``slot``: an empty cache with room for all its positions."""
@@ -93,14 +91,9 @@ class Runner:
         return self.model.config._attn_implementation in ("sdpa", "eager")
 
     def chunks_prompts(self, adapter: str | None) -> bool:
-        """Whether prompts through ``adapter`` may be prefilled in chunks (not where a prompt or prefix is
-        inserted on a prompt's first forward)."""
-        if adapter is None:
-            return True
-        if adapter not in self.chunkable:
-            modules = (m for _, m in st.adapter_modules(self.model, adapter))
-            self.chunkable[adapter] = all(getattr(m, "chunked_prompts", True) for m in modules)
-        return self.chunkable[adapter]
+        """Whether prompts through ``adapter`` may be prefilled in chunks (not where a prompt is inserted on
+        a prompt's first forward: prompt tuning)."""
+        return adapter not in self.bank.whole
 
     def release(self, slot: int) -> None:
         """``slot``'s sequence ended: its positions are free (zeroed when the next sequence takes it)."""
