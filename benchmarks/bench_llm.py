@@ -161,6 +161,7 @@ def generation(model_dir: str, rounds: int, threads: int) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import adapterkit as ak
+    from adapterkit.core.banks import Bank
     from adapterkit.core.composition import PerRow
 
     torch.set_num_threads(threads)
@@ -205,7 +206,18 @@ def generation(model_dir: str, rounds: int, threads: int) -> list[str]:
         ak.set_active(model, PerRow(names))
         return run()
 
-    configs = {"bare model": bare, "one LoRA": one, "one LoRA, merged": merged, "8 LoRAs, one per row": per_row}
+    def banked() -> float:  # what ak.generate(per_prompt=...) runs: the adapters stacked once per site
+        ak.set_active(model, None)
+        with Bank(model, names).use(names):
+            return run()
+
+    configs = {
+        "bare model": bare,
+        "one LoRA": one,
+        "one LoRA, merged": merged,
+        "8 LoRAs, one per row (PerRow, stacked per call)": per_row,
+        "8 LoRAs, one per row (a Bank: `ak.generate(per_prompt=...)`)": banked,
+    }
     speeds: dict[str, list[float]] = {k: [] for k in configs}
     run()  # warm-up
     for r in range(rounds):

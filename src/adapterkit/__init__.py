@@ -32,6 +32,7 @@ _WHERE = {  # public name -> the module that defines it
     "adapterkit.core.io": "inspect_adapter save_adapter",
     "adapterkit.core.merging": "combine_adapters",
     "adapterkit.core.quantize": "QuantizeReport quantize_base",
+    "adapterkit.core.routing": "Router RouterConfig Signature load_signature save_signature signature",
     "adapterkit.core.methods": (
         "PRESETS AdapterConfig BottleneckConfig EAdapterConfig IA3Config LAdapterConfig LoRAConfig PAdapterConfig "
         "PrefixConfig PromptConfig UnionConfig union"
@@ -42,6 +43,7 @@ _WHERE = {  # public name -> the module that defines it
 _MODULES = {  # public submodules
     "composition": "adapterkit.core.composition",
     "formats": "adapterkit.core.formats",
+    "routing": "adapterkit.core.routing",
     "callbacks": "adapterkit.training.callbacks",
     "training": "adapterkit.training",
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from adapterkit.core import adapters
 from adapterkit.core.banks import Bank
 from adapterkit.core.composition import PerRow
 from adapterkit.errors import AdapterError
+
+if TYPE_CHECKING:
+    from adapterkit.core.routing import Router
 
 
 def generate(
@@ -30,6 +33,7 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     per_prompt: Sequence[str | None] | None = None,
+    route: Router | None = None,
     streamer: Any = None,
 ) -> list[str]:
     """The completion of each prompt (without the prompt, special tokens or the stop string).
@@ -38,12 +42,18 @@ def generate(
     may also be a conversation, a list of ``{"role", "content"}`` messages (always templated).
     ``temperature`` 0 is greedy; above 0, sampling with ``top_p`` (seeded by ``seed``).
     ``per_prompt``: one adapter name (or None: the base model) per prompt, in one batch.
+    ``route``: an :class:`~adapterkit.core.routing.Router` that picks ``per_prompt`` from the prompts
+    themselves (its ``top_k`` > 1: a weighted ``Average`` of the best adapters per prompt).
     ``streamer``: a transformers streamer (e.g. ``TextStreamer``) fed the tokens as they come (one prompt).
     """
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise AdapterError(
             f"need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1 (got {max_tokens}, {temperature}, {top_p})"
         )
+    if route is not None:
+        if per_prompt is not None:
+            raise AdapterError("give per_prompt or route, not both")
+        per_prompt = route.setups(prompts)
     if per_prompt is not None and len(per_prompt) != len(prompts):
         raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")
     batch = _encode(tokenizer, prompts, chat)

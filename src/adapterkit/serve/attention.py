@@ -88,14 +88,15 @@ class Step:
         lengths = torch.tensor(self.cache.lengths)
         self.cache.reserve(int(lengths.max()) + 1)
         slots = torch.arange(len(lengths))
-        self.where = (lengths // CHUNK, slots, lengths % CHUNK)
+        device = self.cache.device
+        self.where = tuple(t.to(device) for t in (lengths // CHUNK, slots, lengths % CHUNK))
         positions = torch.arange(-(-(int(lengths.max()) + 1) // CHUNK) * CHUNK)
         past = (positions[None] > lengths[:, None])[:, None, None]  # (rows, 1, 1, positions)
-        self.past = list(past.split(CHUNK, dim=-1))
+        self.past = [t.to(device) for t in past.split(CHUNK, dim=-1)]
         # a chunk wholly past a row's end adds exact zeros to it: only the rows reaching the chunk attend it
         # (None: all), so a step costs what its rows' lengths need, not the longest row's for every row
         reach = [(lengths >= c * CHUNK).nonzero().squeeze(1) for c in range(len(self.past))]
-        self.live = [None if len(rows) == len(lengths) else rows for rows in reach]
+        self.live = [None if len(rows) == len(lengths) else rows.to(device) for rows in reach]
 
     def start(self, row: Row) -> int:
         return self.cache.lengths[row.slot]

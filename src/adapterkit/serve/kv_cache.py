@@ -21,8 +21,8 @@ CHUNK = 256  # positions per chunk: a row attends over whole chunks, the tail ma
 class SlotCache:
     """Keys and values of ``slots`` sequences, per layer (see the module's docstring)."""
 
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
+    def __init__(self, slots: int, device: torch.device | str = "cpu") -> None:
+        self.slots, self.device = slots, torch.device(device)
         self.lengths = [0] * slots  # committed positions per slot
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.chunks = 1

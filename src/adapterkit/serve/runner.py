@@ -31,7 +31,7 @@ class Runner:
     def __init__(self, model: nn.Module, max_batch: int) -> None:
         self.model, self.max_batch = model, max_batch
         self.device = next(model.parameters()).device
-        self.cache = SlotCache(max_batch)
+        self.cache = SlotCache(max_batch, self.device)
         self.bank = Bank(model)  # the loaded adapters' tables, per site: rewritten only when they change
 
     def changed(self) -> None:
@@ -141,7 +141,7 @@ class Runner:
         setup = self.setup([r.adapter if r else None for r in step.rows])
         with torch.inference_mode(), setup, engine_forward(self.model, step) as cache:
             out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()  # sampled on the CPU (its generators), one copy a step
 
     def setup(self, names: list[str | None]):
         """Row ``i`` through adapter ``names[i]`` (one slot index per row into the bank); the base model
