@@ -40,6 +40,7 @@ class Group:
         self.tables: list[torch.Tensor] | None = None
         self.identity: list[torch.Tensor] = []
         self.remap = self.order = torch.empty(0, dtype=torch.long)  # bank slot -> entry; entry -> member
+        self.members: list[nn.Module] = []  # the entries that hold an adapter, in entry order
         self.capacity, self.device = capacity, device
 
     def add(self, slot: int, module: nn.Module) -> None:
@@ -91,26 +92,24 @@ class Group:
         order = torch.full((none + 1,), len(members), dtype=torch.long)
         order[members] = torch.arange(len(members))
         self.remap, self.order = remap.to(self.device), order.to(self.device)
-
-    def members(self) -> list[nn.Module]:
-        return [m for m in self.entries if m is not None]
+        self.members = [self.entries[e] for e in members]
 
     def adapt(self, host: nn.Module, x: Any, out: Any, index: torch.Tensor) -> Any:
         local = self.remap.index_select(0, index)
         if self.tables is None:
             return self.cls.adapt_rows(host, x, out, self.entries, local)
-        return self.cls.adapt_tables(host, x, out, take_rows(self.tables, local), self.members())
+        return self.cls.adapt_tables(host, x, out, take_rows(self.tables, local), self.members)
 
     def adapt_inputs(self, host: nn.Module, args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict]:
         local = self.remap.index_select(0, index)
         if self.tables is None:
             return self.cls.adapt_inputs_rows(host, args, kwargs, self.entries, local)
-        return self.cls.adapt_inputs_tables(host, args, kwargs, take_rows(self.tables, local), self.members())
+        return self.cls.adapt_inputs_tables(host, args, kwargs, take_rows(self.tables, local), self.members)
 
     def kv(self, key: torch.Tensor, index: torch.Tensor) -> list:
         """Attention prefixes per row (the method's ``kv_rows`` over the members)."""
         local = self.order.index_select(0, self.remap.index_select(0, index))
-        return self.cls.kv_rows(self.members(), local, key)
+        return self.cls.kv_rows(self.members, local, key)
 
 
 class Bank:
