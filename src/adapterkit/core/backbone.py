@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from adapterkit.core import state as st
 from adapterkit.core.arch import model_type
-from adapterkit.core.state import is_adapter_param
+from adapterkit.core.state import base_named_parameters
 from adapterkit.errors import AdapterFileError
 
 BASE_FINGERPRINT = "_adapterkit_base_fingerprint"  # a quantized model's fingerprint, taken before quantizing
@@ -35,11 +35,7 @@ def base_prefix(model: nn.Module) -> str:
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Backbone parameters by name relative to the backbone, adapters excluded."""
     prefix = base_prefix(model)
-    return {
-        name[len(prefix) :]: p
-        for name, p in model.named_parameters()
-        if name.startswith(prefix) and not is_adapter_param(name)
-    }
+    return {name[len(prefix) :]: p for name, p in base_named_parameters(model) if name.startswith(prefix)}
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -47,7 +43,7 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     prefix = base_prefix(model)
     if not prefix:
         return {}
-    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix) and not is_adapter_param(n)}
+    return {n: p for n, p in base_named_parameters(model) if not n.startswith(prefix)}
 
 
 @torch.no_grad()

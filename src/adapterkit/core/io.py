@@ -39,10 +39,9 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors keyed relative to the backbone, without the slot segment."""
     prefix, marker = base_prefix(model), f".{st.SLOT}.{name}."
     out = {}
-    for key, p in model.named_parameters():
-        if st.is_adapter_param(key, name):
-            host, _, local = f".{key}".partition(marker)
-            out[f"{host[1:]}.{local}".removeprefix(prefix)] = p.detach()
+    for key, p in st.adapter_named_parameters(model, name):
+        host, _, local = f".{key}".partition(marker)
+        out[f"{host[1:]}.{local}".removeprefix(prefix)] = p.detach()
     return out
 
 

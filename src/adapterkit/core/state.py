@@ -276,7 +276,7 @@ class Chain(nn.ModuleList):
         super().__init__(parts)
         self.edits_inputs = any(part.edits_inputs for part in parts)
         self.chunked_prompts = all(getattr(part, "chunked_prompts", True) for part in parts)
-        self.blocks = frozenset.intersection(*(part.blocks for part in parts))
+        self.blocks = frozenset.intersection(*(part.blocks for part in parts)) - {"arrow"}  # Arrow: lone LoRAs
         if self.edits_inputs:  # inputs are edited per row only by the parts' own batched code
             self.blocks -= {"rows", "rows_nested"}
 
@@ -331,16 +331,57 @@ def detach(host: nn.Module, name: str) -> None:
         delattr(host, SLOT)
 
 
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` as ``model.named_modules()`` gives them, without descending into adapterkit's
+    slots: a walk whose cost does not grow with the adapters attached (a server keeps dozens)."""
+    seen: set[int] = set()
+
+    def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        for name, child in module._modules.items():
+            if child is not None and name != SLOT:
+                yield from walk(f"{prefix}.{name}" if prefix else name, child)
+
+    return walk("", model)
+
+
+def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` without the adapters' (each parameter once)."""
+    seen: set[int] = set()
+    for prefix, module in base_modules(model):
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{prefix}.{name}" if prefix else name), p
+
+
+def adapter_named_parameters(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """Adapter ``name``'s entries of ``model.named_parameters()`` (each parameter once, under the name
+    ``named_parameters`` gives it), found by its hosts rather than a walk of every adapter's modules."""
+    seen: set[int] = set()
+    for path, host in base_modules(model):
+        slot = host._modules.get(SLOT)
+        if isinstance(slot, Slot) and name in slot:
+            where = f"{path}.{SLOT}.{name}" if path else f"{SLOT}.{name}"
+            for key, p in slot[name].named_parameters(prefix=where, remove_duplicate=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield key, p
+
+
 def adapter_modules(model: nn.Module, name: str) -> Iterator[tuple[nn.Module, nn.Module]]:
     """Yield ``(host, adapter module)`` for every place adapter ``name`` is attached."""
-    for host in list(model.modules()):
+    for _, host in list(base_modules(model)):
         slot = host._modules.get(SLOT)
         if isinstance(slot, Slot) and name in slot:
             yield host, slot[name]
 
 
 def sync_all(model: nn.Module) -> None:
-    for host in model.modules():
+    for _, host in base_modules(model):
         slot = host._modules.get(SLOT)
         if isinstance(slot, Slot):
             slot.sync(host)
