@@ -20,7 +20,7 @@ from torch import nn
 
 from adapterkit.core.arch import ArchSpec, is_conv1d
 from adapterkit.core.composition import loop_kv_rows, loop_rows, take_rows
-from adapterkit.core.state import SLOT
+from adapterkit.core.state import base_modules
 from adapterkit.errors import AdapterError, ConfigError
 
 
@@ -82,6 +82,8 @@ class AdapterModule(nn.Module):
         """Why this module cannot run inside blocks of ``kind``."""
         if kind == "fuse":
             return "AdapterFusion attends over bottleneck adapters' outputs; fuse bottleneck adapters"
+        if kind == "arrow":
+            return "Arrow routes tokens among plain LoRA adapters of linear layers (no DoRA, gating or unions)"
         return self.why_not
 
     def row_key(self) -> Any:
@@ -194,7 +196,7 @@ def find_targets(
             return re.fullmatch(targets, name) is not None
         return any(name == t or name.endswith("." + t) for t in targets)
 
-    names = [n for n, _ in model.named_modules() if f".{SLOT}." not in f".{n}." and hit(n)]
+    names = [n for n, _ in base_modules(model) if hit(n)]
     check(bool(names), f"no module of {type(model).__name__} matches target_modules={targets!r}")
     for name in names:
         module = model.get_submodule(name)
