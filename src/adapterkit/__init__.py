@@ -24,7 +24,7 @@ _WHERE = {  # public name -> the module that defines it
         "list_adapters merge_adapter set_active summary train_adapter unmerge_adapter use"
     ),
     "adapterkit.core.arch": "ARCHITECTURES ArchSpec WHISPER_SEQ2SEQ register_architecture",
-    "adapterkit.core.composition": "Average BatchSplit Fuse Parallel PerRow Split Stack",
+    "adapterkit.core.composition": "Arrow Average BatchSplit Fuse Parallel PerRow Split Stack",
     "adapterkit.core.fusion": (
         "FusionConfig add_fusion delete_fusion fusion_regularization load_fusion save_fusion train_fusion"
     ),

@@ -9,6 +9,8 @@ is a :class:`Stack`) and every slot evaluates it at its host:
   normalised to 1 (so for residual adapters ``out + sum_i w_i A_i(out)``).
 * ``Fuse(a, b, c)``: AdapterFusion (Pfeiffer et al. 2021), a trained attention over the frozen
   bottleneck adapters' outputs (:mod:`adapterkit.core.fusion`).
+* ``Arrow(a, b, c, top_k=3, temperature=1.0)``: Arrow routing among LoRA adapters (Ostapenko et al.
+  2024, as peft implements it): per token and site, gradient-free, from each LoRA's weights alone.
 * ``Split(a, b, splits=[3, 5])``: the first 3 positions through ``a``, the next 5 through ``b``.
 * ``PerRow(["a", None, "b"])``: one adapter (or none, or a block) per row of the batch. Adapters
   of one method at one site run as one batched computation (stacked weights gathered per row).
@@ -362,6 +364,37 @@ class Fuse(Block):
 
 
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
+class Arrow(Block):
+    """Arrow (peft's ``ArrowConfig``): at each site, each token goes through the ``top_k`` LoRA adapters whose
+    prototype (the top right-singular vector of their ``B A``) has the largest ``|<x, prototype>|``, mixed
+    by a softmax of those over ``temperature``. Adapters absent at a site are left out there."""
+
+    top_k: int
+    temperature: float
+    kind = "arrow"
+
+    def __init__(self, *children: str, top_k: int = 3, temperature: float = 1.0) -> None:
+        super().__init__(*children)
+        if len(children) < 2 or not all(isinstance(c, str) for c in children):
+            raise ConfigError(f"Arrow takes two or more adapter names, got {list(children)}")
+        if int(top_k) < 1 or not float(temperature) > 0:
+            raise ConfigError(f"Arrow needs top_k >= 1 and temperature > 0, got {top_k} and {temperature}")
+        object.__setattr__(self, "top_k", int(top_k))
+        object.__setattr__(self, "temperature", float(temperature))
+
+    def _fields(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "temperature": self.temperature}
+
+    def apply(self, slot, host, x, out):
+        modules = [m for m in map(slot.adapter, self.children) if m is not None]
+        if not modules:
+            return out
+        if len({type(m) for m in modules}) > 1 or not hasattr(modules[0], "arrow"):
+            raise ConfigError(f"{self!r} meets {sorted({type(m).__name__ for m in modules})} at one site; route LoRAs")
+        return type(modules[0]).arrow(host, x, out, modules, min(self.top_k, len(modules)), self.temperature)
+
+
+@dataclasses.dataclass(frozen=True, init=False, repr=False)
 class PerRow(Block):
     """Row ``i`` of the batch through ``rows[i]``: an adapter name, a block, or ``None`` (base)."""
 
@@ -501,16 +534,17 @@ class Parallel(_Rows):
         return PerRow([c for c in self.children for _ in range(batch // len(self.children))])
 
 
-BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Average, Split, Fuse, PerRow, BatchSplit, Parallel)}
+BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Average, Split, Fuse, Arrow, PerRow, BatchSplit, Parallel)}
 # Which blocks each block may hold (AdapterHub's table, plus PerRow).
 ALLOWED: dict[type[Block], tuple[type, ...]] = {
-    Stack: (str, Fuse, Split, Parallel, BatchSplit, Average, PerRow),
+    Stack: (str, Fuse, Split, Parallel, BatchSplit, Average, PerRow, Arrow),
     Fuse: (str,),
+    Arrow: (str,),
     Split: (str, Split, Stack, BatchSplit, Average),
     Parallel: (str, Stack, BatchSplit, Average),
     BatchSplit: (str, Stack, Split, BatchSplit, Average),
     Average: (str, Stack, Split, BatchSplit),
-    PerRow: (str, type(None), Stack, Split, Average, Fuse),
+    PerRow: (str, type(None), Stack, Split, Average, Fuse, Arrow),
 }
 
 
@@ -564,7 +598,7 @@ def walk(block: Block) -> Iterator[Block]:
 def contexts(block: Block, around: frozenset[str] = frozenset()) -> Iterator[tuple[str, frozenset[str]]]:
     """``(adapter name, kinds of block it runs in)``. Row blocks say ``rows`` for a name that is a
     direct entry (computed batched) and ``rows_nested`` for one inside a block entry (sliced)."""
-    around = around | ({block.kind} if block.kind in ("average", "split", "fuse") else set())
+    around = around | ({block.kind} if block.kind in ("average", "split", "fuse", "arrow") else set())
     rows = isinstance(block, (PerRow, _Rows))
     for child in block.children:
         if isinstance(child, Block):

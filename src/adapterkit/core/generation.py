@@ -53,6 +53,8 @@ def generate(
     if route is not None:
         if per_prompt is not None:
             raise AdapterError("give per_prompt or route, not both")
+        if route.model is not model:  # its scores come from its own model's hidden states
+            raise AdapterError("the router was built on another model; build one on this model (ak.Router.build)")
         per_prompt = route.setups(prompts)
     if per_prompt is not None and len(per_prompt) != len(prompts):
         raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")

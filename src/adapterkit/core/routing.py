@@ -4,11 +4,13 @@ Each adapter carries a *routing signature*: what the frozen base model (adapters
 sample of the adapter's inputs. An input's feature is the mean of one hidden layer over its tokens
 (padding, special tokens and the first position left out: the first position is where decoders park
 attention, its hidden state orders of magnitude larger than the rest and the same in every input). A
-signature holds up to a few k-means prototypes of those features, one diagonal variance around them,
-and *calibration*: the distances of held-out samples of its own (cross-fitted), sorted. An input's
-score for an adapter is its whitened RMS distance to the nearest prototype divided by the 95th
-percentile of the calibration distances, so scores of different adapters are comparable and 1 means
-"as far as the farthest 5% of the adapter's own inputs".
+signature is a Gaussian over those features: a mean, a per-dimension scale, and in standardised units a
+low-rank-plus-isotropic covariance (the top principal directions with their spread, and one residual
+variance for the rest: an input off the task's subspace is far even where it looks normal dimension by
+dimension); and *calibration*: the distances of held-out samples of its own (cross-fitted), sorted. An
+input's score for an adapter is its Mahalanobis distance (over sqrt(D)) divided by the 95th percentile of
+the calibration distances, so scores of different adapters are comparable and 1 means "as far as the
+farthest 5% of the adapter's own inputs".
 
 :class:`Router` sends an input to the adapter of lowest score, or to the base model (``None``) when
 every score is above a threshold (chosen on validation data when given); ``weights`` gives top-k
@@ -16,7 +18,8 @@ mixing weights (softmax of the negated scores over a temperature) and ``setups``
 per-row setups for ``PerRow`` (``ak.generate(..., route=router)``): a name, or an ``Average`` of LoRA
 family / bottleneck adapters (for LoRA, ``out + sum_i w_i delta_i``: a weighted sum of the deltas).
 
-Files: ``routing.safetensors`` (``prototypes`` (k, D), ``variance`` (D,), ``calibration`` (n,)) and
+Files: ``routing.safetensors`` (``mean``, ``scale`` (D,), ``components`` (r, D), ``spread`` (r,),
+``residual`` (1,), ``calibration`` (n,)) and
 ``routing.json`` (layer, depth, sample size, the base model's type and fingerprint), beside an adapter's
 own files. Both are read as hostile: sizes, header, keys, dtypes, shapes and values are checked before
 use and a problem raises :class:`~adapterkit.errors.AdapterFileError` naming it.
@@ -45,6 +48,7 @@ from adapterkit.core import io
 from adapterkit.core import state as st
 from adapterkit.core.arch import model_type
 from adapterkit.core.backbone import fingerprint, same_base
+from adapterkit.core.formats import CONFIG_FILE
 from adapterkit.core.formats.detect import locate
 from adapterkit.errors import AdapterError, AdapterFileError, ConfigError
 from adapterkit.files import write_folder
@@ -59,11 +63,12 @@ REFERENCE = 0.95  # scores are distances over this quantile of the adapter's own
 MAX_FILE_BYTES = 256 * 2**20
 MAX_HEADER_BYTES = 64 * 2**10
 MAX_JSON_BYTES = 32 * 2**20
-MAX_PROTOTYPES = 1024
+MAX_RANK = 1024
 MAX_DIM = 65536
 MAX_SAMPLES = 1_000_000
 MIN_SAMPLES = 4  # cross-fitting needs a few held-out inputs
-TENSORS = {"prototypes": 2, "variance": 1, "calibration": 1}  # key -> number of dimensions
+# key -> number of dimensions, in the order Signature takes them
+TENSORS = {"mean": 1, "scale": 1, "components": 2, "spread": 1, "residual": 1, "calibration": 1}
 DTYPES = {"F32", "F16", "BF16"}
 
 Prompt = str | Sequence[dict[str, str]]
@@ -152,7 +157,7 @@ def features(
 
 def _mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     weights = keep.to(torch.float32)[..., None]
-    return ((hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)).cpu()
+    return ((hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)).cpu()  # empty: zeros
 
 
 def _index(layer: int | None, depth: int) -> int:
@@ -170,12 +175,19 @@ def _index(layer: int | None, depth: int) -> int:
 class Signature:
     """An adapter's routing signature (see the module's docstring); checked at construction.
 
-    ``layer``: the hidden state used (an index into ``hidden_states``, >= 0); ``depth``: how many hidden
-    states the base model gives; ``base_model``: its ``model_type`` and fingerprint."""
+    A Gaussian over the features of the adapter's inputs: ``mean`` and ``scale`` (per dimension)
+    standardise a feature; in standardised units the covariance is ``components.T @ diag(spread) @
+    components + residual * I`` (a low-rank part, orthonormal rows, and an isotropic rest).
+    ``calibration``: sorted held-out distances. ``layer``: the hidden state used (an index into
+    ``hidden_states``, >= 0); ``depth``: how many hidden states the base model gives; ``base_model``:
+    its ``model_type`` and fingerprint."""
 
-    prototypes: torch.Tensor  # (k, D) float32
-    variance: torch.Tensor  # (D,) float32, > 0
-    calibration: torch.Tensor  # (n,) float32, sorted held-out distances
+    mean: torch.Tensor  # (D,)
+    scale: torch.Tensor  # (D,), > 0
+    components: torch.Tensor  # (r, D), orthonormal rows
+    spread: torch.Tensor  # (r,), > 0
+    residual: torch.Tensor  # (1,), > 0
+    calibration: torch.Tensor  # (n,), sorted, >= 0
     layer: int
     depth: int
     base_model: dict[str, Any]
@@ -187,15 +199,16 @@ class Signature:
 
     @property
     def dim(self) -> int:
-        return self.prototypes.shape[1]
+        return self.mean.shape[0]
 
     def reference(self) -> float:
         """The calibration distance at quantile :data:`REFERENCE` (what a score of 1 means)."""
         return max(float(torch.quantile(self.calibration.double(), REFERENCE)), 1e-6)
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) whitened RMS distance of each row of ``x`` (N, D) to the nearest prototype."""
-        return _distances(x, self.prototypes, self.variance)
+        """(N,) Mahalanobis distance of each row of ``x`` (N, D) to the mean, over sqrt(D) (so about 1
+        for the adapter's own inputs whatever the model's width)."""
+        return _distances(x, *(getattr(self, key) for key in TENSORS if key != "calibration"))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Signature):
@@ -214,13 +227,20 @@ def _problem(sig: Signature) -> str | None:
             return f"{key} must be a {ndim}-D float32 tensor"
         if not torch.isfinite(value).all():
             return f"{key} holds NaN or infinite values"
-    (k, dim), n = sig.prototypes.shape, sig.calibration.shape[0]
-    if not (1 <= k <= MAX_PROTOTYPES and 1 <= dim <= MAX_DIM and MIN_SAMPLES <= n <= MAX_SAMPLES):
-        return f"sizes out of range: {k} prototypes (1..{MAX_PROTOTYPES}), dimension {dim} (1..{MAX_DIM}), {n} samples"
-    if sig.variance.shape != (dim,):
-        return f"variance has shape {tuple(sig.variance.shape)}, the prototypes dimension {dim}"
-    if not (sig.variance > 0).all() or (sig.calibration < 0).any() or (sig.calibration.diff() < 0).any():
-        return "variance must be positive and calibration non-negative and sorted"
+    (rank, dim), n = sig.components.shape, sig.calibration.shape[0]
+    if not (1 <= rank <= MAX_RANK and 1 <= dim <= MAX_DIM and MIN_SAMPLES <= n <= MAX_SAMPLES):
+        return f"sizes out of range: rank {rank} (1..{MAX_RANK}), dimension {dim} (1..{MAX_DIM}), {n} samples"
+    shapes = {"mean": (dim,), "scale": (dim,), "spread": (rank,), "residual": (1,)}
+    for key, shape in shapes.items():
+        if getattr(sig, key).shape != shape:
+            return f"{key} has shape {tuple(getattr(sig, key).shape)}, expected {shape} (components are {rank} x {dim})"
+    if not all((getattr(sig, key) > 0).all() for key in ("scale", "spread", "residual")):
+        return "scale, spread and residual must be positive"
+    if (sig.calibration < 0).any() or (sig.calibration.diff() < 0).any():
+        return "calibration must be non-negative and sorted"
+    gram = sig.components.double() @ sig.components.double().T
+    if not torch.allclose(gram, torch.eye(rank, dtype=torch.float64), atol=1e-3):
+        return "components must have orthonormal rows"
     if not (type(sig.layer) is int and type(sig.depth) is int and 0 <= sig.layer < sig.depth <= 10_000):
         return f"layer {sig.layer!r} must be an integer in 0..depth-1 (depth {sig.depth!r})"
     return _base_problem(sig.base_model)
@@ -235,55 +255,51 @@ def _base_problem(base: Any) -> str | None:
         return "base_model.fingerprint must be a non-empty object"
     for name, entry in prints.items():
         shape, sample = (entry.get("shape"), entry.get("sample")) if isinstance(entry, dict) else (None, None)
-        ints = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        ints = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
         floats = isinstance(sample, list) and len(sample) <= 16
-        if not (ints and floats and all(isinstance(v, (int, float)) and math.isfinite(v) for v in sample)):
+        if not (ints and floats and all(type(v) in (int, float) and math.isfinite(v) for v in sample)):
             return f"base_model.fingerprint entry {name!r} must hold a shape (integers) and up to 16 finite samples"
     return None
 
 
-def _distances(x: torch.Tensor, prototypes: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    d2 = ((x[:, None, :] - prototypes[None]) ** 2 / variance).mean(dim=-1)  # (N, k)
-    return d2.min(dim=1).values.sqrt()
+def _distances(x, mean, scale, components, spread, residual) -> torch.Tensor:
+    """Mahalanobis distance under the signature's covariance, over sqrt(D): the part of the standardised
+    deviation in the span of ``components`` weighed by ``1 / spread``, the rest by ``1 / residual``."""
+    z = (x - mean) / scale
+    along = z @ components.T  # (N, r)
+    rest = (z.pow(2).sum(dim=1) - along.pow(2).sum(dim=1)).clamp_min(0)
+    return ((along.pow(2) / spread).sum(dim=1) + rest / residual).div(x.shape[1]).sqrt()
 
 
-def _kmeans(x: torch.Tensor, k: int, generator: torch.Generator, steps: int = 25) -> torch.Tensor:
-    """k-means++ seeded Lloyd iterations on ``x`` standardised per dimension (else the few dimensions of
-    large variance decide the clusters); the centers come back in ``x``'s units."""
-    scale = x.std(dim=0, unbiased=False).clamp_min(1e-6)
-    z = x / scale
-    centers = z[torch.randint(len(z), (1,), generator=generator)]
-    while len(centers) < k:  # k-means++: a new center far from the chosen ones
-        d2 = torch.cdist(z, centers).min(dim=1).values ** 2
-        pick = torch.multinomial(d2 + 1e-12, 1, generator=generator)
-        centers = torch.cat([centers, z[pick]])
-    for _ in range(steps):
-        assign = torch.cdist(z, centers).argmin(dim=1)
-        centers = torch.stack([z[assign == j].mean(dim=0) if (assign == j).any() else centers[j] for j in range(k)])
-    return centers * scale
+def _fit(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """``(mean, scale, components, spread, residual)`` of samples ``x`` (N, D).
+
+    ``scale``: the standard deviation per dimension, its variance shrunk a tenth of the way to the mean
+    variance (each dimension weighs 1/scale: one that barely moved in the sample must not weigh without
+    bound). ``components``: the top ``rank`` principal directions of the standardised samples, at most
+    one per 4 samples (the spread of more is noise). ``residual``: the mean variance left outside them,
+    at least 5% of the total per dimension; no component's spread is below it."""
+    n, dim = x.shape
+    mean = x.mean(dim=0)
+    variance = (x - mean).pow(2).sum(dim=0) / (n - 1)
+    scale = (0.9 * variance + 0.1 * variance.mean()).clamp_min(1e-12).sqrt()
+    z = (x - mean) / scale
+    r = max(1, min(rank, n // 4, dim))
+    _, singular, directions = torch.linalg.svd(z, full_matrices=False)
+    spread = singular[:r].pow(2) / (n - 1)
+    total = z.pow(2).sum() / (n - 1)
+    residual = torch.maximum((total - spread.sum()) / max(dim - r, 1), 0.05 * total / dim).clamp_min(1e-12)
+    return mean, scale, directions[:r].contiguous(), spread.clamp_min(residual), residual.reshape(1)
 
 
-def _fit(x: torch.Tensor, prototypes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prototypes (one per 16 samples, at most ``prototypes``) and the shared diagonal variance around
-    them, shrunk a tenth of the way to its mean: 1/variance weights each dimension, so a dimension that
-    barely moved in the sample must not weigh without bound."""
-    k = max(1, min(prototypes, len(x) // 16))
-    centers = _kmeans(x, k, generator) if k > 1 else x.mean(dim=0, keepdim=True)
-    residual = x - centers[torch.cdist(x, centers).argmin(dim=1)]
-    variance = (residual**2).sum(dim=0) / max(len(x) - k, 1)
-    variance = 0.9 * variance + 0.1 * variance.mean()
-    return centers, variance.clamp_min(1e-12)
-
-
-def _calibration(x: torch.Tensor, prototypes: int, generator: torch.Generator, folds: int = 5) -> torch.Tensor:
+def _calibration(x: torch.Tensor, rank: int, generator: torch.Generator, folds: int = 5) -> torch.Tensor:
     """Each sample's distance under a signature fitted without it (``folds``-fold cross-fitting): what a
     new input of the task scores, not what the samples that made the signature score."""
     fold = torch.randperm(len(x), generator=generator) % min(folds, len(x))
     out = torch.empty(len(x))
     for f in fold.unique():
         held = fold == f
-        centers, variance = _fit(x[~held], prototypes, generator)
-        out[held] = _distances(x[held], centers, variance)
+        out[held] = _distances(x[held], *_fit(x[~held], rank))
     return out.sort().values
 
 
@@ -301,7 +317,7 @@ def signature(
     texts: Sequence[Prompt],
     *,
     layer: int | None = None,
-    prototypes: int = 4,
+    rank: int = 32,
     max_texts: int = 256,
     batch_size: int = 16,
     max_length: int = 256,
@@ -311,24 +327,24 @@ def signature(
     frozen base model (adapters off).
 
     ``layer``: which hidden state (an index into ``hidden_states``; default: the middle one);
-    ``prototypes``: at most this many k-means prototypes (one per 16
-    texts); ``max_texts``: a seeded sample of this many is used when more are given.
+    ``rank``: principal directions kept (at most one per 4 texts);
+    ``max_texts``: a seeded sample of this many is used when more are given.
     """
-    if len(texts) < MIN_SAMPLES or prototypes < 1 or max_texts < MIN_SAMPLES:
+    if len(texts) < MIN_SAMPLES or rank < 1 or max_texts < MIN_SAMPLES:
         raise AdapterError(
             f"a routing signature needs at least {MIN_SAMPLES} example inputs (got {len(texts)}), "
-            f"prototypes >= 1 and max_texts >= {MIN_SAMPLES}"
+            f"rank >= 1 and max_texts >= {MIN_SAMPLES}"
         )
     generator = torch.Generator().manual_seed(seed)
     if len(texts) > max_texts:
         texts = [texts[i] for i in torch.randperm(len(texts), generator=generator)[:max_texts].tolist()]
     found, depth = features(model, tokenizer, texts, [layer], batch_size=batch_size, max_length=max_length)
     x = found[layer]
-    calibration = _calibration(x, prototypes, generator)
-    if float(calibration.max()) == 0:
+    if float((x - x[0]).abs().max()) == 0:
         raise AdapterError("the example inputs all give the same features; give varied examples of the task")
-    centers, variance = _fit(x, prototypes, generator)
-    return Signature(centers, variance, calibration, _index(layer, depth), depth, base_identity(model))
+    calibration = _calibration(x, rank, generator)
+    fitted = _fit(x, rank)
+    return Signature(*fitted, calibration, _index(layer, depth), depth, base_identity(model))
 
 
 # -- files -----------------------------------------------------------------------------------------------
@@ -425,8 +441,15 @@ def _check_header(file: Path, header: Any) -> None:
     keys = set(header) - {"__metadata__"} if isinstance(header, dict) else set()
     if keys != set(TENSORS):
         raise _refuse(file, f"tensors {sorted(keys)}, expected {sorted(TENSORS)}")
-    caps = {"prototypes": (MAX_PROTOTYPES, MAX_DIM), "variance": (MAX_DIM,), "calibration": (MAX_SAMPLES,)}
-    for key, cap in caps.items():
+    caps = {
+        "mean": (MAX_DIM,),
+        "scale": (MAX_DIM,),
+        "components": (MAX_RANK, MAX_DIM),
+        "spread": (MAX_RANK,),
+        "residual": (1,),
+        "calibration": (MAX_SAMPLES,),
+    }
+    for key, cap in caps.items():  # every key is there: checked above
         entry = header[key]
         dtype, shape = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
         if dtype not in DTYPES:
@@ -546,8 +569,8 @@ class Router:
         config: RouterConfig | None = None,
         **signature_options: Any,
     ) -> Router:
-        """A router over ``adapters``: names of adapters in ``model`` or saved adapter folders (loaded
-        unless an adapter of that name is already in the model).
+        """A router over ``adapters``: names of adapters in ``model`` or saved adapter folders (a path, or a
+        string naming a folder that exists; loaded unless an adapter of that name is already in the model).
 
         Each adapter's signature is computed from ``examples[name]`` (a few of its inputs; options as
         :func:`signature` takes them) when given, else read from its folder (``routing.json``).
@@ -574,9 +597,12 @@ class Router:
         return router.calibrate(validation) if validation else router
 
     def with_config(self, **changes: Any) -> Router:
-        """A copy with ``RouterConfig`` fields changed (``router.with_config(top_k=2)``)."""
+        """A copy with ``RouterConfig`` fields changed (``router.with_config(top_k=2)``); a new threshold drops
+        the calibration report, which described the old one."""
         copy = object.__new__(Router)
         copy.__dict__.update(self.__dict__, config=dataclasses.replace(self.config, **changes))
+        if "threshold" in changes:
+            copy.calibration = None
         return copy
 
     def scores(self, prompts: Sequence[Prompt]) -> torch.Tensor:
@@ -686,9 +712,10 @@ def sign_training_output(
 ) -> Signature | None:
     """Compute and save into ``folder`` the signature of a training set's inputs (its text column: strings,
     word lists, conversations or conversations as JSON strings, as ``adapterkit train`` reads them), for
-    ``adapterkit train`` to call after saving the adapter. Returns None, writing nothing, for inputs that
-    are not text (speech) or when there are fewer than the few a signature needs."""
-    if not callable(tokenizer) or len(inputs) < MIN_SAMPLES:
+    ``adapterkit train`` to call after saving the adapter. Returns None, writing nothing, where ``folder``
+    holds no adapter (a full fine-tune), for inputs that are not text (speech) or fewer than a signature
+    needs."""
+    if not (Path(folder) / CONFIG_FILE).is_file() or not callable(tokenizer) or len(inputs) < MIN_SAMPLES:
         return None
     try:
         prompts = [_training_prompt(value) for value in inputs]

@@ -52,6 +52,8 @@ class _Additive(AdapterModule, metaclass=abc.ABCMeta):
 class LoRA(_Additive):
     """Low-rank update of one linear host: ``(..., in) -> (..., out)`` added to its output."""
 
+    blocks = AdapterModule.blocks | {"arrow"}
+
     def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
         super().__init__()
         fan_in, fan_out = features(host)
@@ -65,6 +67,8 @@ class LoRA(_Additive):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = nn.Linear(fan_in, 1, dtype=dtype, device=device) if config.use_gating else None
+        if self.gate is not None:  # a gate is part of the update: Arrow mixes plain updates
+            self.blocks = AdapterModule.blocks
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
         """``B A x``, unscaled: ``(..., in) -> (..., out)``."""
@@ -112,6 +116,30 @@ class LoRA(_Additive):
         """``s B A``, shape (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    @torch.no_grad()
+    def prototype(self) -> torch.Tensor:
+        """Arrow's prototype: the top right-singular vector of ``B A`` (in,), float32, of arbitrary sign;
+        cached until A or B change. From ``A^T = Q R``, ``B A = (B R^T) Q^T``: the SVD of an (out, r) matrix."""
+        key = (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        cached = self.__dict__.get("arrow_cache")
+        if cached is None or cached[0] != key:
+            q, r = torch.linalg.qr(self.lora_A.float().T)
+            _, _, wh = torch.linalg.svd(self.lora_B.float() @ r.T, full_matrices=False)
+            self.__dict__["arrow_cache"] = cached = (key, q @ wh[0])
+        return cached[1]
+
+    @staticmethod
+    def arrow(host, x, out, modules: list[LoRA], top_k: int, temperature: float):
+        """peft's Arrow at one site: per token, ``|<x, prototype_e>|`` for each adapter ``e``; the ``top_k``
+        largest softmaxed over ``temperature`` (the rest weigh 0); ``out + sum_e w_e s_e B_e A_e x``."""
+        x = x.to(modules[0].lora_A.dtype)
+        prototypes = torch.stack([m.prototype() for m in modules]).to(x.dtype)  # (E, in)
+        similarity = (x @ prototypes.T).abs()  # (..., E)
+        top, index = similarity.topk(top_k, dim=-1)
+        weights = torch.full_like(similarity, float("-inf")).scatter(-1, index, top / temperature).softmax(dim=-1)
+        delta = sum(weights[..., e, None] * m.lora(m.dropout(x)) * m.scaling for e, m in enumerate(modules))
+        return out + delta.to(out.dtype)
+
     def delta_weight(self, host: nn.Module) -> torch.Tensor:
         """``s B A`` in the host's layout (transposed for ``Conv1D``)."""
         return out_in(host, self.delta())
@@ -124,6 +152,8 @@ class LoRA(_Additive):
 
 class DoRA(LoRA):
     """LoRA with a learned per-row magnitude ``lora_magnitude`` (out,)."""
+
+    blocks = AdapterModule.blocks  # its update is not B A alone: Arrow mixes plain LoRAs
 
     def __init__(self, host: nn.Module, config: LoRAConfig) -> None:
         super().__init__(host, config)
