@@ -1,10 +1,29 @@
 """Tiny random-config models: one row per supported architecture."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
 
 T.logging.set_verbosity_error()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where torch sees a CUDA GPU and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+    skip = pytest.mark.skip(reason=f"gpu: needs a CUDA GPU, and torch {torch.__version__} ({built}) sees none")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    found = torch.cuda.is_available()
+    return f"gpu tests: {'run on ' + torch.cuda.get_device_name(0) if found else 'skipped (no CUDA GPU)'}"
+
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=100)
 DECODER = dict(SMALL, num_key_value_heads=2)
@@ -180,3 +199,14 @@ def source_lines(pattern: str, allowed=lambda path: False) -> list[str]:
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if regex.search(line)
     ]
+
+
+def saved_tensors(folder) -> dict:
+    """An adapter folder's saved weights (adapter and head) by ``file:key``, not the routing signature that
+    ``adapterkit train`` writes beside them."""
+    from safetensors.torch import load_file
+
+    from adapterkit.core.routing import SIGNATURE_FILE
+
+    files = [f for f in sorted(Path(folder).glob("*.safetensors")) if f.name != SIGNATURE_FILE]
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}

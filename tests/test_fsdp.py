@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from adapterkit.apps import cli
 
-from conftest import DECODER
+from conftest import DECODER, saved_tensors
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 WORDS = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(3, DECODER["vocab_size"])]
@@ -74,8 +73,7 @@ def fsdp(work: Path, out: Path, adapter: str, steps: int, *extra: str) -> tuple[
     return json.loads((out / "metrics.json").read_text()), done.stderr
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+tensors = saved_tensors
 
 
 def assert_close(a: dict, b: dict, atol: float) -> None:

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
 
 from adapterkit.apps import cli
+from adapterkit.core.routing import load_signature
 from adapterkit.training import DataError, evaluate_output, read_table
 from adapterkit.training import checkpoint as ck
 from adapterkit.training.tasks import macro_f1
+
+from conftest import saved_tensors
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 GOOD, BAD = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
@@ -73,8 +75,7 @@ def train(work: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+tensors = saved_tensors
 
 
 def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -106,6 +107,8 @@ def test_train_writes_adapter_metrics_plot_and_card(work, tmp_path):
     saved = tensors(out / "adapter")
     assert all(".adapterkit." not in k for k in saved) and any("adapter_up" in k for k in saved)
     assert sum(v.numel() for v in saved.values()) == metrics["trainable_params"]
+    signature = load_signature(out / "adapter")  # for ak.Router: the frozen base's view of the training inputs
+    assert signature.mean.shape == (32,) and bool(signature.mean.isfinite().all())
 
 
 def test_a_learnable_task_is_learned(work, tmp_path):

@@ -25,6 +25,7 @@ _WHERE = {  # public name -> the module that defines it
     ),
     "adapterkit.core.arch": "ARCHITECTURES ArchSpec WHISPER_SEQ2SEQ register_architecture",
     "adapterkit.core.composition": "Arrow Average BatchSplit Fuse Parallel PerRow Split Stack",
+    "adapterkit.core.compose": "ComposeConfig ComposeResult compose",
     "adapterkit.core.fusion": (
         "FusionConfig add_fusion delete_fusion fusion_regularization load_fusion save_fusion train_fusion"
     ),

@@ -17,6 +17,10 @@ class AdapterFileError(AdapterError):
     """A saved adapter is missing, corrupt, truncated or written for another model."""
 
 
+class ModelSourceError(AdapterError):
+    """A base model that cannot be had: neither a local folder nor a Hub id that is cached or can be downloaded."""
+
+
 def shown(text: str) -> str:
     """``text`` safe for a terminal: control characters (escape sequences) written as escapes."""
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)

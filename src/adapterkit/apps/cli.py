@@ -51,6 +51,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         model.config.id2label = dict(enumerate(runs[-1]["labels"]))
     names = [load_adapter(model, path, name) for name, path in folders]
     fusions = [fusion.load_fusion(model, path) for path in args.fusion]
+    _place(model, args.device)
     if args.setup:
         setup = parse_expression(args.setup)
     else:  # the last fusion loaded, else the last adapter
@@ -77,15 +78,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Complete prompts with a causal LM and its adapters; one JSON line per prompt (or streamed text)."""
     from adapterkit.core.generation import generate
 
-    model, tokenizer, names = _causal_lm(args.model, args.adapter)
+    model, tokenizer, names = _causal_lm(args.model, args.adapter, args.device)
     prompts, chosen = _prompts(args)
     per_prompt = [name or (names[-1] if names else None) for name in chosen] if len(names) > 1 else None
     if args.stream:
         if len(prompts) != 1:
             raise AdapterError("--stream prints one completion as it is made: pass a single --prompt")
-        generate(model, tokenizer, prompts, streamer=_printer(tokenizer, args.stop), **_sampling(args, per_prompt))
+        with _computing(model, args.autocast):
+            generate(model, tokenizer, prompts, streamer=_printer(tokenizer, args.stop), **_sampling(args, per_prompt))
         return
-    texts = generate(model, tokenizer, prompts, **_sampling(args, per_prompt))
+    with _computing(model, args.autocast):
+        texts = generate(model, tokenizer, prompts, **_sampling(args, per_prompt))
     for prompt, text in zip(prompts, texts, strict=True):
         print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
 
@@ -94,22 +97,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation: each line read is a user turn, the answer is streamed back."""
     from adapterkit.core.generation import generate
 
-    model, tokenizer, _ = _causal_lm(args.model, args.adapter)
+    model, tokenizer, _ = _causal_lm(args.model, args.adapter, args.device)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("adapterkit chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.strip()})
-        answer = generate(model, tokenizer, [messages], streamer=_printer(tokenizer, args.stop), **_sampling(args))
+        with _computing(model, args.autocast):
+            answer = generate(model, tokenizer, [messages], streamer=_printer(tokenizer, args.stop), **_sampling(args))
         messages.append({"role": "assistant", "content": answer[0]})
 
 
-def _causal_lm(model_dir: str, given: Sequence[str]):
-    """The base model (or a full fine-tuning run's model) with the adapters ``[NAME=]PATH`` loaded."""
+def _causal_lm(model_dir: str, given: Sequence[str], device: str | None = None):
+    """The base model (a folder or Hub id; or a full fine-tuning run's model) with the adapters ``[NAME=]PATH``
+    loaded, on ``device`` (None: CUDA when present)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterkit.core.io import load_adapter
+    from adapterkit.core.pretrained import from_pretrained
     from adapterkit.runs import adapter_folder, is_run, run_config
 
     folders = [(name, _pulled(path)) for name, path in map(_named, given)]
@@ -117,12 +123,27 @@ def _causal_lm(model_dir: str, given: Sequence[str]):
     if full and len(folders) > 1:
         raise AdapterError(f"{full[0]} is a full fine-tuning run: it replaces the model, so pass it alone")
     source = str(Path(full[0]) / "model") if full else model_dir
-    model = AutoModelForCausalLM.from_pretrained(source).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = from_pretrained(AutoModelForCausalLM, source).eval()
+    tokenizer = from_pretrained(AutoTokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     names = [] if full else [load_adapter(model, adapter_folder(path), name, activate=True) for name, path in folders]
-    return model, tokenizer, names
+    return _place(model, device), tokenizer, names
+
+
+def _place(model, device: str | None):
+    """``model`` (its adapters loaded) on ``--device`` (default: CUDA when present), with sdpa there."""
+    from adapterkit.core.device import place, resolve_device
+
+    return place(model, resolve_device(device))
+
+
+def _computing(model, autocast: str | None = None):
+    """The forward's autocast on the model's device: ``--autocast`` (``none``: off), else bf16 on CUDA."""
+    from adapterkit.core.device import autocast_context, default_autocast
+
+    device = next(model.parameters()).device
+    return autocast_context(device, default_autocast(autocast, device))
 
 
 def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
@@ -179,9 +200,11 @@ def _named(value: str) -> tuple[str | None, str]:
 def _classifier(model_dir: str, num_labels: int | None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from adapterkit.core.pretrained import from_pretrained
+
     kwargs = {"num_labels": num_labels} if num_labels else {}
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    model = from_pretrained(AutoModelForSequenceClassification, model_dir, **kwargs).eval()
+    return model, from_pretrained(AutoTokenizer, model_dir)
 
 
 def _read_texts(path: str) -> list[str]:
@@ -208,9 +231,11 @@ def _read_rows(path: str) -> list[dict]:
 def _scores(model, tokenizer, texts: list[str]):
     import torch
 
+    from adapterkit.core.device import to_device
+
     inputs = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    with torch.no_grad():
-        return model(**inputs).logits.softmax(-1)
+    with torch.no_grad(), _computing(model):
+        return model(**to_device(dict(inputs), next(model.parameters()).device)).logits.float().softmax(-1)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -265,9 +290,18 @@ def _assignment(item: str) -> tuple[str, object]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from adapterkit.training import evaluate_output
+    """Score a train output on a data file; without ``--adapter``, the base model itself (zero-shot)."""
+    from adapterkit.training import evaluate_base, evaluate_output
 
-    print(json.dumps(evaluate_output(args.model, args.adapter, args.data, args.batch_size, args.generate)))
+    options = {"device": args.device, "autocast": args.autocast}
+    if args.adapter:
+        scores = evaluate_output(args.model, args.adapter, args.data, args.batch_size, args.generate, **options)
+    elif not args.task:
+        raise AdapterError("without --adapter, eval scores the base model zero-shot: pass --task chat or causal-lm")
+    else:
+        baseline = {"text_column": args.text_column, "max_length": args.max_length}
+        scores = evaluate_base(args.model, args.data, args.task, args.batch_size, args.generate, **baseline, **options)
+    print(json.dumps(scores))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -295,7 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = Options(adapters, args.hub, args.allow_hub_refs, args.api_key_file, args.max_batch, args.max_queue,
                       args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits,
                       public_metrics=args.public_metrics, dtype=args.dtype, quantize=args.quantize,
-                      prefill_chunk=args.prefill_chunk)  # fmt: skip
+                      prefill_chunk=args.prefill_chunk, device=args.device)  # fmt: skip
     print(f"adapterkit serve on http://{args.host}:{args.port}/v1 ({args.model}, {len(adapters)} adapters)")
     serve(args.model, options, args.host, args.port)
 
@@ -362,8 +396,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from adapterkit.core.arch import find_layers, model_type, spec_for
     from adapterkit.core.methods.lora import find_targets
+    from adapterkit.core.pretrained import from_pretrained
 
-    model = AutoModel.from_pretrained(args.model_dir)
+    model = from_pretrained(AutoModel, args.model_dir)
     spec = spec_for(model)
     layers = [name for name, _ in find_layers(model, spec)]
     print(f"model type:      {model_type(model)} ({type(model).__name__})")
@@ -395,14 +430,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
     import transformers
 
     from adapterkit.core.io import inspect_adapter, load_adapter, save_adapter
+    from adapterkit.core.pretrained import from_pretrained
 
     info = inspect_adapter(args.src)
     base = args.base or info["base_model"].get("name_or_path")
-    if not base or not os.path.isdir(base):
-        raise AdapterError(f"the base model {base!r} is not a local folder; pass --base MODEL_DIR")
+    if not base:
+        raise AdapterError(f"{args.src} names no base model; pass --base MODEL_DIR (a folder, or a Hub id)")
     task = args.task or ("seq-cls" if info["head"] else "bare")
     kwargs = {"num_labels": _num_labels(info["head"])} if task == "seq-cls" else {}
-    model = getattr(transformers, TASKS[task]).from_pretrained(base, **kwargs)
+    try:
+        model = from_pretrained(getattr(transformers, TASKS[task]), base, **kwargs)
+    except AdapterError as e:
+        raise AdapterError(f"the adapter's base model: {e}; pass --base MODEL_DIR (a folder, or a Hub id)") from e
     name = load_adapter(model, args.src, args.name)
     path = save_adapter(model, name, args.dst, format=args.to)
     what = f"{info['method']}, {info['params']:,} params, head: {bool(info['head'])}"
@@ -422,6 +461,13 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+MODEL_HELP = "a local model folder or a Hugging Face Hub id (org/name: downloaded once into the HF cache)"
+
+
+def _device_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
 
 
 def _run_options(command: argparse.ArgumentParser, quick: str) -> None:
@@ -447,7 +493,8 @@ def parser() -> argparse.ArgumentParser:
     _run_options(m, "small subsets: about 6 minutes on 2 cores")
     m.set_defaults(func=cmd_multitask)
     r = sub.add_parser("predict", help="classify texts with loaded adapters and an active composition")
-    r.add_argument("--model", required=True, help="the local base model folder")
+    r.add_argument("--model", required=True, help=MODEL_HELP)
+    _device_option(r)
     r.add_argument(
         "--adapter", action="append", default=[], required=True, help="[NAME=]PATH or hub:owner/name, repeatable"
     )
@@ -461,10 +508,16 @@ def parser() -> argparse.ArgumentParser:
     _generation_parsers(sub)
     _hub_parsers(sub)
     _serve_parser(sub)
-    e = sub.add_parser("eval", help="score an `adapterkit train` output on a data file")
-    e.add_argument("--model", required=True, help="the local base model folder")
-    e.add_argument("--adapter", required=True, help="the train output folder (OUT)")
+    e = sub.add_parser("eval", help="score an `adapterkit train` output, or the base model alone, on a data file")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
+    e.add_argument("--adapter", help="the train output folder (OUT); without it the base model is scored zero-shot")
     e.add_argument("--data", required=True, help="CSV, JSONL, Parquet or a save_to_disk folder")
+    e.add_argument("--task", choices=["causal-lm", "chat"], help="without --adapter: the task to score (a run's own)")
+    e.add_argument("--text-column", default="text", help="without --adapter: the input column (default text)")
+    e.add_argument("--max-length", type=int, default=128, help="without --adapter: tokens per example (default 128)")
+    _device_option(e)
+    e.add_argument("--autocast", choices=["bf16", "fp16", "none"],
+                   help="compute under torch.autocast (default: the run's own; else bf16 on CUDA)")  # fmt: skip
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument(
         "--generate",
@@ -492,7 +545,7 @@ def parser() -> argparse.ArgumentParser:
     )
     w.set_defaults(func=cmd_whisper)
     i = sub.add_parser("info", help="show a model's architecture, injection points and parameter count")
-    i.add_argument("model_dir", help="a local model folder (from save_pretrained)")
+    i.add_argument("model_dir", help="a local model folder (from save_pretrained) or a Hugging Face Hub id")
     i.set_defaults(func=cmd_info)
     s = sub.add_parser("inspect", help="show a saved adapter's config and tensors")
     s.add_argument("path")
@@ -501,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="an adapter folder in any of the three formats")
     c.add_argument("dst", help="the folder to write")
     c.add_argument("--to", required=True, choices=["adapterkit", "peft", "adapterhub"])
-    c.add_argument("--base", help="the local base model folder (default: the one the adapter names)")
+    c.add_argument("--base", help="the base model: a folder or a Hub id (default: the one the adapter names)")
     c.add_argument("--task", choices=sorted(TASKS), help="the model class (default: seq-cls if the adapter has a head)")
     c.add_argument("--name", help="the adapter's name (peft: its sub-folder)")
     c.set_defaults(func=cmd_convert)
@@ -511,7 +564,7 @@ def parser() -> argparse.ArgumentParser:
 def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train an adapter (or --full-finetune) on local data; torchrun for DDP")
     t.add_argument("--config", help="a YAML file of these options (keys as below, '-' or '_'); options win")
-    t.add_argument("--model", help="the local base model folder")
+    t.add_argument("--model", help=MODEL_HELP)
     t.add_argument("--data", help="training data: CSV, JSONL, Parquet or a save_to_disk folder")
     t.add_argument("--validation", help="validation data, evaluated each epoch; the best adapter is kept")
     t.add_argument("--task", choices=sorted(TASK_NAMES))
@@ -531,15 +584,31 @@ def _train_parser(sub) -> None:
     t.add_argument("--metric", help="the selection metric (default: the task's first)")
     t.add_argument("--threads", type=int, help="torch threads")
     t.add_argument("--quantize", choices=["int8", "int4"], help="keep the frozen base's Linear weights in int8/int4")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the frozen base's weights (default fp32)")
+    t.add_argument("--autocast", choices=["bf16", "fp16", "none"],
+                   help="compute the forward under torch.autocast (default: bf16 on CUDA, none on a CPU)")  # fmt: skip
+    t.add_argument("--adapter-dtype", choices=["fp32", "bf16"],
+                   help="the adapter's and trained head's weights (default fp32: master weights)")  # fmt: skip
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each layer's activations in the backward: less memory, more time")  # fmt: skip
+    t.add_argument("--grad-accum", type=int, help="micro-batches of --batch-size per optimizer step (default 1)")
+    t.add_argument("--packing", action="store_true", default=None,
+                   help="causal-lm/chat: a micro-batch's examples in one row, unpadded, attending apart")  # fmt: skip
     t.add_argument("--resume", action="store_true", default=None, help="continue the run in --output")
     t.add_argument("--fsdp", action="store_true", default=None, help="torchrun: shard the frozen base (FSDP2)")
     t.add_argument("--output", help="the output folder")
+    t.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    t.add_argument("--report-to", choices=["none", "tensorboard"],
+                   help="tensorboard: loss, lr, grad norm, tokens/s, eval metrics in OUTPUT/tensorboard")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
 
 def _generation_parsers(sub) -> None:
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--model", required=True, help="the local base model folder (a causal LM)")
+    sampling.add_argument("--model", required=True, help=MODEL_HELP + "; a causal LM")
+    _device_option(sampling)
+    sampling.add_argument("--autocast", choices=["bf16", "fp16", "none"],
+                          help="compute under torch.autocast (default: bf16 on CUDA, none on a CPU)")  # fmt: skip
     sampling.add_argument("--adapter", action="append", default=[], help="[NAME=]PATH or hub:owner/name, repeatable")
     sampling.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampling")
@@ -559,7 +628,8 @@ def _generation_parsers(sub) -> None:
 
 def _serve_parser(sub) -> None:
     v = sub.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible HTTP API")
-    v.add_argument("--model", required=True, help="the local base model folder (a causal LM or an encoder)")
+    v.add_argument("--model", required=True, help=MODEL_HELP + "; a causal LM or an encoder")
+    v.add_argument("--device", help="a causal LM's: cpu, cuda or cuda:N (default: cuda when present); encoders: cpu")
     v.add_argument("--adapter", action="append", default=[], help="NAME=PATH or NAME=hub:owner/name@tag, repeatable")
     v.add_argument("--hub", help="the hub for hub: references (default: $ADAPTERKIT_HUB)")
     v.add_argument("--allow-hub-refs", action="store_true", help="a request's model may be hub:owner/name@tag")

@@ -58,7 +58,8 @@ def generate(
         per_prompt = route.setups(prompts)
     if per_prompt is not None and len(per_prompt) != len(prompts):
         raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")
-    batch = _encode(tokenizer, prompts, chat)
+    device = next(model.parameters()).device  # the prompts go where the model is (a GPU)
+    batch = {k: v.to(device) for k, v in _encode(tokenizer, prompts, chat).items()}
     options = {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
     options["eos_token_id"] = end_tokens(model, tokenizer)
     if temperature > 0:

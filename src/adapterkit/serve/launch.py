@@ -8,6 +8,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from adapterkit.core.device import place, resolve_device
+from adapterkit.core.pretrained import from_pretrained
 from adapterkit.core.quantize import quantize_base
 from adapterkit.errors import AdapterError
 from adapterkit.hub.client import sweep
@@ -19,9 +21,9 @@ from adapterkit.serve.registry import Direct, Registry
 DTYPES = ("fp32", "bf16", "fp16")  # the base's weights (adapters keep the dtype they were saved in)
 
 
-def load(model_dir: str, dtype: str = "fp32"):
-    """The model (eval mode, its weights in ``dtype``), its tokenizer, and its kind: a causal LM or an
-    encoder (from its config)."""
+def load(model_dir: str, dtype: str = "fp32", device: str | None = None):
+    """The model (a folder or Hub id; eval mode, its weights in ``dtype``), its tokenizer, and its kind: a
+    causal LM (on ``device``; None: CUDA when present) or an encoder (on the CPU, where its worker runs)."""
     import torch
     from transformers import (
         AutoConfig,
@@ -34,16 +36,19 @@ def load(model_dir: str, dtype: str = "fp32"):
     if dtype not in DTYPES:
         raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     weights = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]}
-    config = AutoConfig.from_pretrained(model_dir)
+    config = from_pretrained(AutoConfig, model_dir)
     architectures = config.architectures or []
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = from_pretrained(AutoTokenizer, model_dir)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or _decoder_only(config):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return AutoModelForCausalLM.from_pretrained(model_dir, **weights).eval(), tokenizer, CAUSAL
+        model = from_pretrained(AutoModelForCausalLM, model_dir, **weights).eval()
+        return place(model, resolve_device(device)), tokenizer, CAUSAL
+    if device not in (None, "cpu"):
+        raise AdapterError(f"--device {device}: an encoder is served on the CPU; leave --device out")
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, **weights).eval(), tokenizer, ENCODER
-    return AutoModel.from_pretrained(model_dir, **weights).eval(), tokenizer, ENCODER
+        return from_pretrained(AutoModelForSequenceClassification, model_dir, **weights).eval(), tokenizer, ENCODER
+    return from_pretrained(AutoModel, model_dir, **weights).eval(), tokenizer, ENCODER
 
 
 def _decoder_only(config) -> bool:
@@ -81,6 +86,7 @@ class Options:
     quantize: str | None = None  # "int8" / "int4": the base's Linear weights through torchao (core.quantize)
     timeouts: Timeouts = Timeouts()  # slow clients: a request's head and body (serve.guard)
     prefill_chunk: int = 64  # prompt positions per prefill forward, and per step while others decode
+    device: str | None = None  # a causal LM's: cpu, cuda, cuda:N (None: CUDA when present); encoders: the CPU
 
 
 def build(model_dir: str, options: Options) -> FastAPI:
@@ -88,7 +94,7 @@ def build(model_dir: str, options: Options) -> FastAPI:
     from adapterkit.serve.engine import Engine
     from adapterkit.serve.registry import Bounds
 
-    model, tokenizer, kind = load(model_dir, options.dtype)
+    model, tokenizer, kind = load(model_dir, options.dtype, options.device)
     if options.quantize:
         quantize_base(model, options.quantize)
     if options.hub or options.allow_hub_refs:

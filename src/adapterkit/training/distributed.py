@@ -24,6 +24,8 @@ import torch
 import torch.distributed as td
 from torch import nn
 
+from adapterkit.core.device import resolve_device
+
 T = TypeVar("T")
 
 
@@ -40,18 +42,20 @@ class Distributed:
     sharded: list[nn.Parameter] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_env(cls, fsdp: bool = False) -> Distributed:
+    def from_env(cls, fsdp: bool = False, device: str | None = None) -> Distributed:
+        """One process, or torchrun's. ``device`` (``--device``; None: CUDA when present): under torchrun
+        each process takes the GPU of its ``LOCAL_RANK`` (NCCL), or the CPU (gloo) for ``cpu``."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available()
+        chosen = resolve_device(device)
+        cuda = chosen.type == "cuda"
         if world == 1:
-            return cls(device=torch.device("cuda" if cuda else "cpu"))
+            return cls(device=chosen)
         backend = "nccl" if cuda else "gloo"
-        device = torch.device("cpu")
         if cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(chosen)
         td.init_process_group(backend)
-        return cls(td.get_rank(), world, device, backend, fsdp=fsdp)
+        return cls(td.get_rank(), world, chosen, backend, fsdp=fsdp)
 
     @property
     def main(self) -> bool:

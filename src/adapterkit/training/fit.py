@@ -1,6 +1,7 @@
 """The one training loop: epochs of batches, AdamW with transformers' linear warm-up and decay, gradient
-clipping, resumable from any position. ``adapterkit train`` (checkpoints, DDP and evaluation hang on its
-callbacks), the main demo, the multi-task demo and the speech demo all train through :class:`Loop`.
+clipping, gradient accumulation and loss scaling, resumable from any position. ``adapterkit train``
+(checkpoints, DDP and evaluation hang on its callbacks), the main demo, the multi-task demo and the
+speech demo all train through :class:`Loop`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Loop:
 
     ``position`` (step, epoch, batch) may be shared with a caller that checkpoints it; modules in
     ``modules`` are put in train mode at each epoch's start (evaluation leaves them in eval mode).
+    ``scaler`` (a :class:`torch.amp.GradScaler`, for fp16) scales each loss before its backward.
     """
 
     def __init__(
@@ -43,27 +45,48 @@ class Loop:
         schedule: Schedule,
         modules: Sequence[nn.Module] = (),
         position: dict[str, Any] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         from transformers import get_linear_schedule_with_warmup
 
         groups = list(params)
         self.params = [p for g in groups for p in g["params"]] if isinstance(groups[0], dict) else groups
-        self.schedule, self.modules = schedule, modules
+        self.schedule, self.modules, self.scaler = schedule, modules, scaler
         self.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
         warmup = max(1, int(schedule.warmup * schedule.steps))
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, schedule.steps)
         self.position = position if position is not None else {}
         for key in ("step", "epoch", "batch"):
             self.position.setdefault(key, 0)
+        self.last: dict[str, Any] = {}  # the last step's learning rate and gradient norm (a tensor), for logs
 
-    def step(self, loss: torch.Tensor) -> None:
-        """One optimisation step on ``loss``."""
-        loss.backward()
+    def step(self, loss: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
+        """One optimisation step on ``loss``, or on the sum of several (micro-batches' losses, each
+        backpropagated as it comes, so one micro-batch's graph is held at a time); returns the
+        (summed) loss, detached."""
+        total = None
+        for part in [loss] if isinstance(loss, torch.Tensor) else loss:
+            (part if self.scaler is None else self.scaler.scale(part)).backward()
+            total = part.detach() if total is None else total + part.detach()
+        if total is None:
+            raise ValueError("a training step needs at least one loss")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.schedule.max_grad_norm:
-            nn.utils.clip_grad_norm_(self.params, self.schedule.max_grad_norm)
-        self.optimizer.step()
+            norm = nn.utils.clip_grad_norm_(self.params, self.schedule.max_grad_norm)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # the norm before clipping (as transformers' Trainer logs it) and the rate this step uses; kept as
+        # a tensor, so that a GPU waits for it only when it is logged
+        self.last = {"learning_rate": self.optimizer.param_groups[0]["lr"], "grad_norm": norm}
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the update when a gradient overflowed, and adjusts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return total
 
     def run(
         self,
@@ -73,11 +96,14 @@ class Loop:
         on_epoch: Callable[[int], bool] | None = None,
         label: str = "train",
         show: bool = True,
+        status: Callable[[], dict[str, str]] | None = None,
     ) -> float:
         """Step through ``batches(epoch)`` until the schedule's last step; returns the seconds spent in steps.
 
+        ``loss(batch)`` returns the batch's loss, or an iterable of its micro-batches' (see :meth:`step`).
         ``on_step(loss, batch, seconds)`` follows each step; ``on_epoch(epoch)`` follows each pass (also one
         the step limit cut short), once the position points at the next epoch, and returns True to stop.
+        ``status()`` adds fields to the progress bar after each step (e.g. tokens/s); the bar shows the ETA.
         """
         pos, spent = self.position, 0.0
         bar = tqdm(total=self.schedule.steps, initial=pos["step"], desc=label, disable=not show, mininterval=2.0)
@@ -88,13 +114,13 @@ class Loop:
             epoch = batches(pos["epoch"])
             while pos["batch"] < len(epoch) and pos["step"] < self.schedule.steps:
                 clock = time.perf_counter()
-                value = loss(epoch[pos["batch"]])
-                self.step(value)
+                value = self.step(loss(epoch[pos["batch"]]))
                 pos["step"], pos["batch"] = pos["step"] + 1, pos["batch"] + 1
                 if on_step:
-                    on_step(value.detach(), epoch[pos["batch"] - 1], time.perf_counter() - clock)
+                    on_step(value, epoch[pos["batch"] - 1], time.perf_counter() - clock)
                 spent += time.perf_counter() - clock
-                bar.set_postfix(loss=f"{value.item():.4f}", s_per_step=f"{spent / max(1, bar.n + 1):.2f}")
+                shown = {"loss": f"{value.item():.4f}", "s_per_step": f"{spent / max(1, bar.n + 1):.2f}"}
+                bar.set_postfix(shown | (status() if status else {}))
                 bar.update()
             pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
             stopped = bool(on_epoch and on_epoch(pos["epoch"] - 1))

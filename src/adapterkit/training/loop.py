@@ -6,33 +6,45 @@ or the last when there is no validation set; ``model/`` with ``--full-finetune``
 ``checkpoints/`` (every ``save_steps`` steps and each epoch's end; see :mod:`.checkpoint`).
 Batches are a seeded permutation per epoch, so the data position is (epoch, batch) and a resumed
 run repeats an uninterrupted one bit for bit on CPU.
+
+LLM knobs: precision (:mod:`.precision`: ``--dtype``, ``--autocast``, ``--adapter-dtype``),
+``--gradient-checkpointing`` (each layer's activations recomputed in the backward), ``--grad-accum N``
+(a step of N micro-batches, its loss weighted by loss terms over all of them and all ranks: the
+update of one batch N times larger) and ``--packing`` (causal-lm and chat: a micro-batch's examples
+end to end in one row, :func:`.tasks.pack_batch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adapterkit.core import adapters, io, quantize
+from adapterkit.core import adapters, io, quantize, routing
 from adapterkit.core.backbone import head_parameters
+from adapterkit.core.device import default_autocast, place, resolve_device, to_device
+from adapterkit.core.pretrained import from_pretrained
 from adapterkit.core.state import is_adapter_param
 from adapterkit.errors import AdapterError
 from adapterkit.files import write_folder
 from adapterkit.runs import RUN_CONFIG
 from adapterkit.training import checkpoint as ck
-from adapterkit.training import report
+from adapterkit.training import logs, report
 from adapterkit.training.distributed import Distributed
 from adapterkit.training.fit import Loop, Schedule
+from adapterkit.training.precision import Precision
 from adapterkit.training.tables import read_table
-from adapterkit.training.tasks import Task, make_task
+from adapterkit.training.tasks import TASKS, Task, make_task
 
 ADAPTER = "task"
 
@@ -68,10 +80,39 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun, shard the frozen base with FSDP2 (not part of identity(): same checkpoints)
     group_by_length: bool | None = None  # None: the task's default (on for causal-lm and chat)
     quantize: str | None = None  # "int8" or "int4": the frozen base's Linear weights (core.quantize)
+    dtype: str = "fp32"  # the frozen base's weights: fp32, bf16 or fp16 (training.precision)
+    autocast: str | None = None  # the forward under torch.autocast: bf16 or fp16
+    adapter_dtype: str = "fp32"  # the adapter's and a trained head's weights (fp32: master weights)
+    gradient_checkpointing: bool = False  # not part of identity(): the same gradients, recomputed
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    packing: bool = False  # causal-lm and chat: a micro-batch's examples in one row, without padding
+    device: str | None = None  # cpu, cuda or cuda:N (None: cuda when present); not part of identity()
+    report_to: str | None = None  # "tensorboard": scalars in OUTPUT/tensorboard (training.logs)
 
     def __post_init__(self) -> None:
         if self.fsdp and self.full_finetune:
             raise AdapterError("--fsdp shards the frozen base, and --full-finetune freezes nothing; drop --fsdp")
+        Precision(self.dtype, self._compute(), self.adapter_dtype)  # validated at construction
+        logs.check_report_to(self.report_to)
+        if self.full_finetune and (self.dtype, self.adapter_dtype) != ("fp32", "fp32"):
+            raise AdapterError(
+                "--full-finetune trains the base's own weights, kept in fp32: drop --dtype/--adapter-dtype "
+                "and use --autocast bf16 for half-precision compute"
+            )
+        if self.packing and self.task in TASKS and not TASKS[self.task].packs:
+            raise AdapterError(
+                f"--packing joins the examples of a causal LM (causal-lm, chat); {self.task} cannot pack"
+            )
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise AdapterError(f"--grad-accum takes a whole number of micro-batches >= 1, not {self.grad_accum!r}")
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.dtype, self._compute(), self.adapter_dtype)
+
+    def _compute(self) -> str | None:
+        """The autocast dtype: ``--autocast`` as given (``none``: none), else bf16 on CUDA (core.device)."""
+        return default_autocast(self.autocast, resolve_device(self.device))
 
     @property
     def learning_rate(self) -> float:
@@ -81,7 +122,10 @@ class TrainConfig:
         """The keys a resumed run must share with the run it continues."""
         keep = ("model", "data", "task", "text_column", "label_column", "adapter", "set", "full_finetune")
         order = ("epochs", "max_steps", "lr", "batch_size", "seed", "group_by_length", "quantize")
-        return {k: getattr(self, k) for k in (*keep, *order)}
+        # later options count only when set, so that the checkpoints of runs from before them still resume
+        later = {"dtype": "fp32", "autocast": None, "adapter_dtype": "fp32", "grad_accum": 1, "packing": False}
+        out = {k: getattr(self, k) for k in (*keep, *order)}
+        return out | {k: getattr(self, k) for k, default in later.items() if getattr(self, k) != default}
 
 
 def train(config: TrainConfig, command: str = "") -> dict[str, Any]:
@@ -89,7 +133,7 @@ def train(config: TrainConfig, command: str = "") -> dict[str, Any]:
 
     ``config.threads`` is applied by the CLI (a process-wide setting); from Python, set torch's
     thread count yourself."""
-    dist = Distributed.from_env(fsdp=config.fsdp)
+    dist = Distributed.from_env(fsdp=config.fsdp, device=config.device)
     try:
         return Run(config, dist, command).fit()
     finally:
@@ -105,14 +149,15 @@ class Run:
         self.ckpt_root = self.out / "checkpoints"
         self._check_output()
         self.task, self.train_set, self.val_set, self.tokenizer = load_data(config)
+        self.precision = config.precision
         dist.on_main(lambda: report.write_json(self.out / RUN_CONFIG, self._description()))
         torch.manual_seed(config.seed)  # the new head's and adapter's initial values
-        self.model = build_model(config, self.task).to(dist.device)
+        self.model = place(build_model(config, self.task), dist.device)
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         # FSDP keeps what save_adapter reads (the adapter and head) whole on every rank: rank 0 saves alone.
         self.wrapped = dist.wrap(self.model, whole=saved_parameters(self.model))
-        self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / (config.batch_size * config.grad_accum))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         schedule = Schedule(
             config.learning_rate, self.total_steps, config.weight_decay, config.warmup, config.max_grad_norm
@@ -121,11 +166,13 @@ class Run:
         # training throughput over the whole run, resumes included; slots: tokens with padding
         self.position |= {"examples": 0, "tokens": 0, "slots": 0, "seconds": 0.0}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.loop = Loop(params, schedule, modules=[self.wrapped], position=self.position)
+        scaler = self.precision.scaler(dist.device)
+        self.loop = Loop(params, schedule, modules=[self.wrapped], position=self.position, scaler=scaler)
         self.metric = config.metric or self.task.metrics[0]
         if self.metric not in self.task.metrics:
             raise AdapterError(f"task {self.task.name} reports {self.task.metrics}, not {self.metric!r}")
         self.history: dict[str, list] = {"loss": [], "eval": []}
+        self.logs = logs.reporter(config.report_to, self.out, dist.main)
         if config.resume:
             self._resume()
 
@@ -147,29 +194,60 @@ class Run:
 
     # -- the loop (training.fit.Loop) --------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        if not self.position["stopped"]:
-            self.loop.run(self._batches, self._loss, self._after_step, self._end_of_epoch, show=self.dist.main)
-        return self._finish(self._throughput())
+        try:
+            if not self.position["stopped"]:
+                steps = (self._batches, self._loss, self._after_step, self._end_of_epoch)
+                self.loop.run(*steps, show=self.dist.main, status=self._status)
+            return self._finish(self._throughput())
+        finally:
+            self.logs.close()
+
+    def _status(self) -> dict[str, str]:
+        """The progress bar's training tokens per second, over the run so far (beside tqdm's ETA)."""
+        return {"tok/s": f"{self.position['tokens'] / max(self.position['seconds'], 1e-9):.0f}"}
 
     def _throughput(self) -> float:
         """Training examples per second: steps and their checkpoints, not evaluation."""
         return self.position["examples"] / max(self.position["seconds"], 1e-9)
 
     def _batches(self, epoch: int) -> list[list[int]]:
+        """Each step's rows: ``batch_size * grad_accum`` of them."""
         grouped = self.config.group_by_length
-        grouped = self.task.group_by_length if grouped is None else grouped
+        # grouping by length saves padding; packed rows have none
+        grouped = self.task.group_by_length and not self.config.packing if grouped is None else grouped
         lengths = [len(e["input_ids"]) for e in self.train_set] if grouped else None
-        return epoch_batches(len(self.train_set), self.config.batch_size, self.config.seed, epoch, lengths)
+        size = self.config.batch_size * self.config.grad_accum
+        return epoch_batches(len(self.train_set), size, self.config.seed, epoch, lengths)
 
-    def _loss(self, rows: list[int]) -> torch.Tensor:
-        mine = self.dist.share(rows)
-        batch = self.task.collate([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
-        loss = self.task.loss(self.wrapped, {k: v.to(self.dist.device) for k, v in batch.items()})
-        # Each rank's mean is weighted by its share of the loss terms (rows, or labelled tokens), so DDP's
-        # gradient mean (and the logged mean) is the global one.
-        terms = self.task.loss_terms
-        return loss * (
-            terms([self.train_set[i] for i in mine]) * self.dist.world / terms([self.train_set[i] for i in rows])
+    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
+        return micro_batches(rows, self.config.grad_accum, self.dist.world)
+
+    def _loss(self, rows: list[int]) -> Iterator[torch.Tensor]:
+        """The step's loss, one micro-batch at a time (the loop backpropagates each before the next)."""
+        total = self.task.loss_terms([self.train_set[i] for i in rows])
+        parts = self._micro_batches(rows)
+        ddp = isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+        for k, part in enumerate(parts):
+            # DDP all-reduces the gradients once a step, in the last micro-batch's backward (run in this block)
+            last = k == len(parts) - 1
+            with contextlib.nullcontext() if last or not ddp else self.wrapped.no_sync():
+                yield self._micro_loss(self.dist.share(part), total)
+
+    def _micro_loss(self, mine: list[int], total: int) -> torch.Tensor:
+        """This rank's loss on its rows of one micro-batch, weighted by their share of the step's ``total`` loss
+        terms (rows, or labelled tokens): the sum over micro-batches, and DDP's mean over ranks, is the mean
+        over the whole step."""
+        examples = [self.train_set[i] for i in mine]
+        batch = self._collate(examples)
+        with self.precision.autocast(self.dist.device):
+            loss = self.task.loss(self.wrapped, to_device(batch, self.dist.device))
+        return loss * (self.task.loss_terms(examples) * self.dist.world / total)
+
+    def _collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return (
+            self.task.pack(examples)
+            if self.config.packing
+            else self.task.collate(examples, self.tokenizer.pad_token_id)
         )
 
     def _length(self, row: int) -> int:
@@ -179,19 +257,40 @@ class Run:
     def _after_step(self, loss: torch.Tensor, rows: list[int], seconds: float) -> None:
         clock = time.perf_counter()
         self.position["examples"] += len(rows)
-        self.position["tokens"] += sum(self._length(i) for i in rows)
+        tokens = sum(self._length(i) for i in rows)
+        self.position["tokens"] += tokens
         self.position["slots"] += sum(
-            len(part) * max(map(self._length, part)) for part in self.dist.parts(rows) if part
+            self._slots(part) for micro in self._micro_batches(rows) for part in self.dist.parts(micro)
         )
         self.history["loss"].append([self.position["step"], self.dist.mean(loss)])
+        self._log_step(tokens, seconds)
         if self.position["step"] % self.config.save_steps == 0:
             self._checkpoint()
         self.position["seconds"] += seconds + time.perf_counter() - clock
 
+    def _log_step(self, tokens: int, seconds: float) -> None:
+        """The step's scalars for ``--report-to`` (the loss as logged in ``metrics.json``)."""
+        last = self.loop.last
+        values = {"loss": self.history["loss"][-1][1], "learning_rate": last["learning_rate"]}
+        values |= {"grad_norm": float(last["grad_norm"]), "tokens_per_s": tokens / max(seconds, 1e-9)}
+        self.logs.add("train", self.position["step"], values)
+
+    def _slots(self, rows: list[int]) -> int:
+        """The token slots one rank's rows of a micro-batch fill: padded to the longest, or packed (none padded)."""
+        lengths = [self._length(i) for i in rows]
+        return sum(lengths) if self.config.packing else len(lengths) * max(lengths, default=0)
+
     def _end_of_epoch(self, epoch: int) -> bool:
         if self.val_set:
-            scores = self.dist.with_model(lambda: evaluate(self.task, self.model, self.val_set, self.tokenizer))
+
+            def scores_now() -> dict[str, float]:
+                with self.precision.autocast(self.dist.device):
+                    return evaluate(self.task, self.model, self.val_set, self.tokenizer)
+
+            scores = self.dist.with_model(scores_now)
             self.history["eval"].append({"step": self.position["step"], "epoch": epoch, **scores})
+            self.logs.add("eval", self.position["step"], scores)
+            self.logs.flush()  # each evaluation is on disk, also if the run is killed later
             self._keep_best(scores[self.metric])
         self._checkpoint()
         return self.position["stopped"]
@@ -218,9 +317,16 @@ class Run:
 
         write_folder(self.out / "model", fill)
 
+    def _sign(self) -> None:
+        """The saved adapter's routing signature from the training inputs (``ak.Router`` reads it)."""
+        inputs = read_table(self.config.data).column(self.task.text_column, "--text-column")
+        routing.sign_training_output(self.model, self.tokenizer, inputs, self.out / "adapter")
+
     def _finish(self, examples_per_s: float) -> dict[str, Any]:
         if not self.val_set:
             self.dist.on_main(self._save_result)
+        if not self.config.fsdp:  # the adapter's routing signature (FSDP shards the base: rank 0 alone would hang)
+            self.dist.on_main(self._sign)
         metrics = {
             "task": self.task.name,
             "method": "full fine-tuning" if self.config.full_finetune else self.config.adapter,
@@ -251,6 +357,7 @@ class Run:
                 "history": self.history,
                 "param_groups": groups,
                 "scheduler": self.loop.scheduler.state_dict(),
+                "scaler": self.loop.scaler.state_dict() if self.loop.scaler else None,  # fp16's loss scale
                 "rng": rng_json,
                 "config": self.config.identity(),
             }
@@ -270,6 +377,8 @@ class Run:
         ck.load_trainable(self.model, tensors["trainable.safetensors"], folder)
         ck.load_optimizer_state(self.loop.optimizer, tensors["optimizer.safetensors"], state["param_groups"])
         self.loop.scheduler.load_state_dict(state["scheduler"])
+        if self.loop.scaler and state.get("scaler"):
+            self.loop.scaler.load_state_dict(state["scaler"])
         ck.set_rng_state(tensors["rng.safetensors"], state["rng"]["python"])
         self.position.update(state["position"])  # the loop shares this dict
         self.history = state["history"]
@@ -292,6 +401,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: list[
         chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def micro_batches(rows: list[int], n: int, world: int = 1) -> list[list[int]]:
+    """``rows`` cut in order into ``n`` micro-batches (a full step: ``n`` batches of ``batch_size``); fewer
+    when a short last step would leave a rank without rows."""
+    n = max(1, min(n, len(rows) // max(world, 1)))
+    return [rows[k * len(rows) // n : (k + 1) * len(rows) // n] for k in range(n)]
 
 
 def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, list, list, Any]:
@@ -325,10 +441,8 @@ class _NoTokenizer:
 
 
 def _load(auto_class, path: str, **kwargs: Any):
-    try:
-        return auto_class.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot load {auto_class.__name__} from {path!r}: {e}") from e
+    """From a local folder or a Hub id (core.pretrained: offline and not cached, an error naming HF_HUB_OFFLINE)."""
+    return from_pretrained(auto_class, path, **kwargs)
 
 
 def saved_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -336,27 +450,63 @@ def saved_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if is_adapter_param(n)] + list(head_parameters(model).values())
 
 
-def task_model(path: str, task: Task) -> nn.Module:
-    """The task's transformers model from folder ``path``; a head of another size is created anew."""
+def task_model(path: str, task: Task, dtype: torch.dtype | None = None) -> nn.Module:
+    """The task's transformers model from folder ``path`` (in ``dtype``, default the checkpoint's); a head of
+    another size is created anew."""
     import transformers
 
     cls = getattr(transformers, task.auto_class)
-    return _load(cls, path, ignore_mismatched_sizes=True, **task.model_kwargs())
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return _load(cls, path, ignore_mismatched_sizes=True, **kwargs, **task.model_kwargs())
 
 
 def build_model(config: TrainConfig, task: Task) -> nn.Module:
     """The task's model from ``config.model`` with the adapter (or, full fine-tuning, every weight) training."""
-    model = task_model(config.model, task)
     if config.quantize and config.full_finetune:
         raise AdapterError("--quantize keeps the frozen base in int8/int4 and --full-finetune trains it: pick one")
+    model = task_model(config.model, task, config.precision.torch_dtype())
     if config.quantize:
         quantize.quantize_base(model, config.quantize)
     if config.full_finetune:
         model.requires_grad_(True)
-        return model
-    adapters.add_adapter(model, ADAPTER, config.adapter, **config.set)
-    adapters.train_adapter(model, ADAPTER)
+    else:
+        adapters.add_adapter(model, ADAPTER, config.adapter, **config.set)
+        adapters.train_adapter(model, ADAPTER)
+        if config.packing:
+            check_packable(adapters.known(model, ADAPTER).configs[ADAPTER])
+        config.precision.cast_trained(model, [p for p in model.parameters() if p.requires_grad])
+    if config.packing and "position_ids" not in inspect.signature(model.forward).parameters:
+        raise AdapterError(f"{type(model).__name__} takes no position_ids, so it cannot keep packed examples apart")
+    if config.gradient_checkpointing:
+        checkpoint_layers(model)
     return model
+
+
+def check_packable(config: Any) -> None:
+    """Refuse ``--packing`` for adapters that see a row as one example: a prompt prepended once per row, or a
+    gate averaged over the row (UniPELT's): in a packed row the later examples would miss the prompt, and
+    the gate would mix the examples."""
+    parts = getattr(config, "configs", None) or (config,)
+    whole = sorted({c.method if c.method == "prompt" else f"gated {c.method}" for c in parts if _per_row(c)})
+    if whole:
+        raise AdapterError(
+            f"--packing puts several examples in one row, and a {' and a '.join(whole)} adapter acts on a row "
+            "as one example; drop --packing (group_by_length keeps padding low) or pick another adapter"
+        )
+
+
+def _per_row(config: Any) -> bool:
+    return config.method == "prompt" or bool(getattr(config, "use_gating", False))
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Gradient checkpointing of each transformers layer, non-reentrant: the frozen base needs no input that
+    requires grad, and the adapters' hooks inside a layer run again in its recomputation."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise AdapterError(
+            f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing"
+        )
+    model.activation_checkpointing_enable({"use_reentrant": False})
 
 
 @torch.no_grad()
@@ -367,5 +517,5 @@ def evaluate(task: Task, model: nn.Module, examples: list, tokenizer, batch_size
     predicted = []
     for start in range(0, len(examples), batch_size):
         batch = task.collate(examples[start : start + batch_size], tokenizer.pad_token_id)
-        predicted += task.predict(model, {k: v.to(device) for k, v in batch.items()})
+        predicted += task.predict(model, to_device(batch, device))
     return task.score(predicted, task.gold(examples))

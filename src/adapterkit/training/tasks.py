@@ -34,6 +34,7 @@ class Task(abc.ABC):
     metrics: ClassVar[tuple[str, ...]]  # the first is the default selection metric
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     group_by_length: ClassVar[bool] = False  # batch examples of similar length (see ``training.loop.epoch_batches``)
+    packs: ClassVar[bool] = False  # ``pack`` works: the model keeps examples apart by their position ids
 
     def __init__(self, text_column: str, label_column: str, max_length: int, labels: list[str] | None = None):
         self.text_column, self.label_column, self.max_length = text_column, label_column, max_length
@@ -52,6 +53,10 @@ class Task(abc.ABC):
 
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         return pad_batch(examples, pad_id)
+
+    def pack(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """The examples as one row without padding (``--packing``; tasks whose ``packs`` is True)."""
+        raise DataError(f"task {self.name} cannot pack its examples into one row; drop --packing")
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of one batch: the model's own."""
@@ -92,6 +97,26 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tenso
         ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[row, : len(e["input_ids"])] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": _labels([e["labels"] for e in examples])}
+
+
+def pack_batch(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """The examples end to end in one row, as transformers' ``DataCollatorWithFlattening`` makes them.
+
+    No padding and no attention mask: position ids restart at 0 with each example, from which the model
+    builds a block-diagonal causal mask (transformers' ``find_packed_sequence_indices``, on sdpa and eager;
+    flash attention reads them directly), so no token attends across examples and each sees the positions
+    it has alone. Each example's first token is not a target: the previous example's last would predict it.
+    """
+    ids = [torch.tensor(e["input_ids"], dtype=torch.long) for e in examples]
+    labels = [torch.tensor(e["labels"], dtype=torch.long) for e in examples]
+    for row in labels:
+        row[:1] = IGNORE
+    positions = [torch.arange(len(row)) for row in ids]
+    return {
+        "input_ids": torch.cat(ids)[None],
+        "position_ids": torch.cat(positions)[None],
+        "labels": torch.cat(labels)[None],
+    }
 
 
 def _labels(values: list[Any]) -> torch.Tensor:
@@ -334,6 +359,10 @@ class CausalLM(Task):
     metrics = ("perplexity", "loss")
     lower_is_better = frozenset({"perplexity", "loss"})
     group_by_length = True
+    packs = True
+
+    def pack(self, examples):
+        return pack_batch(examples)
 
     def encode(self, table: Table, tokenizer) -> list[Example]:
         texts = [str(t) for t in table.column(self.text_column, "--text-column")]
@@ -431,13 +460,14 @@ def conversation(table: Table, row: int, column: str, value: Any) -> list[dict[s
 def token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each labelled token's negative log-likelihood (0 elsewhere) and the mask of labelled tokens.
 
-    Position p predicts token p + 1; logits are computed only at the positions some row needs.
+    Position p predicts token p + 1; logits are computed only at the positions some row needs. No KV cache:
+    none is needed, and with one transformers would not detect a packed row (:func:`pack_batch`).
     """
     targets = batch["labels"][:, 1:]  # B x (L-1)
     counted = targets != IGNORE
     where = counted.any(0).nonzero().squeeze(1)  # the positions that predict a labelled token
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=where).logits.float()  # B x len(where) x V
+    logits = model(**inputs, logits_to_keep=where, use_cache=False).logits.float()  # B x len(where) x V
     kept = targets[:, where]
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), kept, ignore_index=IGNORE, reduction="none")
     return nll, counted[:, where]
