@@ -34,6 +34,9 @@ import adapterkit as ak  # noqa: E402
 from adapterkit.apps.models import smollm2  # noqa: E402
 from adapterkit.serve.engine import Engine, Sampling  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from serve_load import quiet_line  # noqa: E402
+
 QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -143,6 +146,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load()
     lines = [f"# Serving engine: batch invariance and throughput (SmolLM2-135M, fp32, CPU, {args.threads} thread)", ""]
+    lines += [f"- {quiet_line()}", ""]  # the machine before the timed rows
 
     # transformers' padding effect, base model only (the issue's measurement)
     base_one, base_batched = hf_runs(model, tok, QUESTIONS, None)

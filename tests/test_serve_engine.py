@@ -70,6 +70,17 @@ def first_chunk(stream):
     return next(iter(stream))
 
 
+def assert_tokens_equal_generate(model, work, served, device="cpu"):
+    """Each ``(prompt, adapter)``'s served greedy tokens equal transformers' ``generate`` with that adapter."""
+    for (prompt, adapter), (tokens, _) in zip(work, served, strict=True):
+        ak.set_active(model, adapter)
+        with torch.no_grad():
+            reference = model.generate(torch.tensor([prompt], device=device), max_new_tokens=len(tokens),
+                                       do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        ak.set_active(model, None)
+        assert reference[0, len(prompt) :].tolist() == tokens, adapter
+
+
 def test_mixed_load_equals_each_request_alone_bit_for_bit(llama, engine):
     """Requests of every adapter family and none, prompts of different lengths, arriving while others run
     (4 slots, so some wait): tokens and log-probabilities equal the request served alone; and alone, each
@@ -132,13 +143,8 @@ def test_decoding_steps_attend_all_rows_at_once_and_equal_alone_bit_for_bit(monk
         together = [(s.result()[1].finish_reason and s.tokens, s.logprobs) for s in streams]
         assert long.result()[1].finish_reason == "length" and len(long.tokens) == 40
         assert together == alone
-        for (prompt, adapter), (tokens, _) in zip(work, alone, strict=True) if dtype == torch.float32 else ():
-            ak.set_active(model, adapter)
-            with torch.no_grad():
-                reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
-            ak.set_active(model, None)
-            assert reference[0, len(prompt) :].tolist() == tokens, adapter
+        if dtype == torch.float32:
+            assert_tokens_equal_generate(model, work, alone)
     finally:
         e.stop()
     assert max(calls) >= 2  # the short ones decoded beside a two-chunk neighbour
@@ -163,13 +169,7 @@ def test_long_prompts_prefill_in_chunks_beside_running_streams_and_equal_alone(l
     assert runner.result()[1].finish_reason == "length"
     assert decoded >= len(long[0]) // 16  # one decoding step beside each of the first prompt's chunks
     assert e.stats()["steps"] > steps
-    for prompt, adapter, (tokens, _) in zip(long, names, alone, strict=True):
-        ak.set_active(model, adapter)
-        with torch.no_grad():
-            reference = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
-                                       pad_token_id=0, eos_token_id=None)  # fmt: skip
-        ak.set_active(model, None)
-        assert reference[0, len(prompt) :].tolist() == tokens, adapter
+    assert_tokens_equal_generate(model, list(zip(long, names, strict=True)), alone)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -208,13 +208,8 @@ def test_a_burst_is_prefilled_packed_and_equals_each_request_alone(monkeypatch, 
         assert [(s.result()[1] and s.tokens, s.logprobs) for s in streams] == alone
         assert [s.result()[1].code for s in broken] == ["adapter_failed"] * 2
         assert max(packed) >= 3  # several prompts in one forward
-        for (prompt, adapter), (tokens, _) in zip(work, alone, strict=True) if dtype == torch.float32 else ():
-            ak.set_active(model, adapter)
-            with torch.no_grad():
-                reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
-            ak.set_active(model, None)
-            assert reference[0, len(prompt) :].tolist() == tokens, adapter
+        if dtype == torch.float32:
+            assert_tokens_equal_generate(model, work, alone)
     finally:
         e.stop()
 

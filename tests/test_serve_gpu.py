@@ -8,7 +8,7 @@ from adapterkit.serve.engine import Engine, Sampling
 
 from conftest import randomize_adapters
 from test_chat import chat_llama, tokenizer
-from test_serve_engine import prompts, serve
+from test_serve_engine import assert_tokens_equal_generate, prompts, serve
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,12 +31,6 @@ def test_engine_on_cuda_equals_each_request_alone_and_generate():
         alone = [serve(e, p, a, max_tokens=6)[:2] for p, a in work]
         streams = [e.submit(p, a, Sampling(max_tokens=6)) for p, a in work]
         assert [(s.result()[1] and s.tokens, s.logprobs) for s in streams] == alone
-        for (prompt, adapter), (tokens, _) in zip(work, alone, strict=True):
-            ak.set_active(model, adapter)
-            with torch.no_grad():
-                reference = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=6, do_sample=False,
-                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
-            ak.set_active(model, None)
-            assert reference[0, len(prompt) :].tolist() == tokens, adapter
+        assert_tokens_equal_generate(model, work, alone, device="cuda")
     finally:
         e.stop()

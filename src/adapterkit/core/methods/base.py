@@ -75,7 +75,10 @@ class AdapterModule(nn.Module):
         """As :meth:`adapt_rows`, for the host's call arguments (``edits_inputs``)."""
         tables = cls.row_tables(modules)
         if tables is None:
-            raise NotImplementedError(f"{cls.__name__} edits inputs but has no per-row tables or adapt_inputs_rows")
+            raise AdapterError(
+                f"{cls.__name__} edits its host's inputs but cannot run per row: give the method row_tables and "
+                "adapt_inputs_tables, or its own adapt_inputs_rows"
+            )
         return cls.adapt_inputs_tables(host, args, kwargs, take_rows(tables, index), modules)
 
     def explain(self, kind: str) -> str:
