@@ -342,3 +342,27 @@ def test_arrow_at_a_high_temperature_is_the_plain_average(three_loras):
         ak.set_active(three_loras, ak.Arrow("x", "s"))
     with pytest.raises(ConfigError, match="top_k >= 1"):
         ak.Arrow("x", "y", top_k=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_a_middle_layer_stops_the_forward_there_and_equals_the_full_hidden_states(arch):
+    from conftest import ARCHS
+
+    config_cls, kwargs, bare, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    model = bare(config_cls(**dict(kwargs, num_hidden_layers=4))).eval()
+    batch = {"input_ids": torch.randint(5, 90, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    batch["attention_mask"][1, 5:] = 0
+    with torch.no_grad():
+        full = model(**batch, output_hidden_states=True).hidden_states
+        depth = len(full)
+        for index in range(depth - 1):  # the last is normalised by the model: the full forward gives it
+            found, got_depth = routing._states(model, dict(batch), [index])
+            assert got_depth == depth
+            torch.testing.assert_close(found[index], full[index], rtol=0, atol=0)
+    ran = []
+    handle = routing._blocks(model)[-1].register_forward_hook(lambda *_: ran.append(1))
+    with torch.no_grad():
+        routing._states(model, dict(batch), [1])  # block 0's output
+    handle.remove()
+    assert depth == 5 and ran == []  # the deepest block never ran

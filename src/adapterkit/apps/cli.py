@@ -329,7 +329,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = Options(adapters, args.hub, args.allow_hub_refs, args.api_key_file, args.max_batch, args.max_queue,
                       args.max_context, args.max_adapters, int(args.max_adapter_mb * 2**20), limits,
                       public_metrics=args.public_metrics, dtype=args.dtype, quantize=args.quantize,
-                      prefill_chunk=args.prefill_chunk, device=args.device)  # fmt: skip
+                      prefill_chunk=args.prefill_chunk, device=args.device, router=args.router,
+                      router_threshold=args.router_threshold)  # fmt: skip
     print(f"adapterkit serve on http://{args.host}:{args.port}/v1 ({args.model}, {len(adapters)} adapters)")
     serve(args.model, options, args.host, args.port)
 
@@ -632,6 +633,9 @@ def _serve_parser(sub) -> None:
     v.add_argument("--device", help="a causal LM's: cpu, cuda or cuda:N (default: cuda when present); encoders: cpu")
     v.add_argument("--adapter", action="append", default=[], help="NAME=PATH or NAME=hub:owner/name@tag, repeatable")
     v.add_argument("--hub", help="the hub for hub: references (default: $ADAPTERKIT_HUB)")
+    v.add_argument("--router", help="NAME=DIR or NAME=PATH,PATH: model NAME picks each request's adapter from "
+                   "its text by the adapters' routing signatures (e.g. auto=out/)")  # fmt: skip
+    v.add_argument("--router-threshold", type=float, help="the router's score above which the base model answers")
     v.add_argument("--allow-hub-refs", action="store_true", help="a request's model may be hub:owner/name@tag")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)

@@ -46,11 +46,11 @@ from adapterkit.core import adapters as ad
 from adapterkit.core import composition as co
 from adapterkit.core import io
 from adapterkit.core import state as st
-from adapterkit.core.arch import model_type
+from adapterkit.core.arch import find_layers, model_type, spec_for
 from adapterkit.core.backbone import fingerprint, same_base
 from adapterkit.core.formats import CONFIG_FILE
 from adapterkit.core.formats.detect import locate
-from adapterkit.errors import AdapterError, AdapterFileError, ConfigError
+from adapterkit.errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from adapterkit.files import write_folder
 from adapterkit.runs import adapter_folder
 
@@ -137,7 +137,7 @@ def features(
 ) -> tuple[dict[int | None, torch.Tensor], int]:
     """Per layer (an index into ``hidden_states``: 0 the embeddings, negative from the end, None the
     middle one): the (N, D) float32 features of ``prompts``; and the depth (how many hidden states the
-    model gives)."""
+    model gives). The forward stops after the deepest block asked for (:func:`_states`)."""
     texts = [routing_text(p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     wanted, parts, depth = list(layers), [], 0
@@ -146,13 +146,69 @@ def features(
         for start in range(0, len(order), batch_size):
             batch = _encode(tokenizer, [texts[i] for i in order[start : start + batch_size]], max_length)
             keep = _pool_mask(batch).to(device)
-            states = base(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True).hidden_states
-            if states is None:
-                raise AdapterError(f"{type(base).__name__} returns no hidden states; routing needs a text model")
-            depth = len(states)
+            states, depth = _states(base, {k: v.to(device) for k, v in batch.items()}, wanted)
             parts.append({layer: _mean(states[_index(layer, depth)], keep) for layer in wanted})
     inverse = torch.tensor(order).argsort()
     return {layer: torch.cat([p[layer] for p in parts])[inverse] for layer in wanted}, depth
+
+
+class _Reached(Exception):
+    """Raised by a hook on the deepest block a feature needs: the rest of the forward is not run."""
+
+
+def _states(base: nn.Module, batch: dict[str, torch.Tensor], wanted: list[int | None]) -> tuple[dict, int]:
+    """``({index: hidden state}, depth)`` for the ``wanted`` indices into ``hidden_states``.
+
+    ``hidden_states[i]`` is block ``i - 1``'s output (0: block 0's input), except the last, which the
+    model normalises: a block's forward hook records what is needed and, at the deepest, stops the
+    forward, so a middle layer costs half a forward. The last index, or a model whose blocks adapterkit's
+    table does not name, runs the whole forward with ``output_hidden_states``."""
+    blocks = _blocks(base)
+    depth = len(blocks) + 1
+    indices = {_index(layer, depth) for layer in wanted} if blocks else set()
+    if not blocks or max(indices) >= depth - 1:
+        states = base(**batch, output_hidden_states=True).hidden_states
+        if states is None:
+            raise AdapterError(f"{type(base).__name__} returns no hidden states; routing needs a text model")
+        return dict(enumerate(states)), len(states)
+    found: dict[int, torch.Tensor] = {}
+    with contextlib.ExitStack() as hooks:
+        for index in sorted(indices):
+            hooks.enter_context(_record(blocks, index, found, stop=index == max(indices)))
+        with contextlib.suppress(_Reached):
+            base(**batch)
+    return found, depth
+
+
+def _blocks(base: nn.Module) -> list[nn.Module]:
+    try:
+        return [block for _, block in find_layers(base, spec_for(base))]
+    except ArchitectureError:
+        return []
+
+
+@contextlib.contextmanager
+def _record(blocks: list[nn.Module], index: int, found: dict, stop: bool) -> Iterator[None]:
+    """Store ``hidden_states[index]`` into ``found`` (block 0's input for 0, else block ``index - 1``'s
+    output) and raise :class:`_Reached` after it when ``stop``."""
+
+    def keep(hidden: torch.Tensor) -> None:
+        found[index] = hidden
+        if stop:
+            raise _Reached
+
+    if index == 0:
+        handle = blocks[0].register_forward_pre_hook(
+            lambda _, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
+    else:
+        handle = blocks[index - 1].register_forward_hook(
+            lambda _, args, out: keep(out[0] if isinstance(out, tuple) else out)
+        )
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -534,12 +590,17 @@ class Router:
         signatures: Mapping[str, Signature],
         config: RouterConfig | None = None,
         calibration: Calibration | None = None,
+        *,
+        resident: bool = True,
     ) -> None:
+        """``resident=False``: the adapters are not in ``model`` (a server loads each on first use): routing
+        decides among their names, and ``setups`` gives top-1 names only (a mix needs them loaded)."""
         if not signatures:
             raise AdapterError("a Router needs at least one adapter with a signature")
         base = base_identity(model)
         for name, sig in signatures.items():
-            ad.known(model, name)
+            if resident:
+                ad.known(model, name)
             if sig.base_model["model_type"] != base["model_type"] or not same_base(
                 sig.base_model["fingerprint"], base["fingerprint"]
             ):
@@ -552,7 +613,7 @@ class Router:
         self.config = config or RouterConfig()
         self.calibration = calibration
         self.references = torch.tensor([sig.reference() for sig in self.signatures.values()])
-        self.mixable = {name: _mixable(model, name) for name in self.signatures}
+        self.mixable = {name: resident and _mixable(model, name) for name in self.signatures}
 
     @property
     def names(self) -> list[str]:
@@ -697,11 +758,17 @@ def _adapter(model: nn.Module, item: str | os.PathLike) -> tuple[str, Path | Non
     if not isinstance(item, os.PathLike) and not path.is_dir():
         ad.known(model, item)
         return item, None
-    folder, data, peer = locate(path)
-    name = (data.get("name") if peer is None else None) or folder.name
+    folder, name = saved_adapter(path)
     if name not in ad.list_adapters(model):
         io.load_adapter(model, folder, name)
     return name, folder
+
+
+def saved_adapter(path: str | os.PathLike) -> tuple[Path, str]:
+    """``(folder, name)`` of the adapter saved in ``path`` (adapterkit's, peft's or AdapterHub's layout): the
+    name it was saved under, else its folder's name."""
+    folder, data, peer = locate(adapter_folder(path))
+    return folder, (data.get("name") if peer is None else None) or folder.name
 
 
 # -- the training hook -------------------------------------------------------------------------------------

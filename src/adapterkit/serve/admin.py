@@ -19,6 +19,8 @@ async def models(s: State = Authorized) -> Any:
     entry = {"object": "model", "created": s.created, "owned_by": "adapterkit"}
     data = [{"id": s.name, **entry, "root": s.name, "parent": None}]
     data += [{"id": n, **entry, "root": n, "parent": s.name} for n in s.registry.listed()]
+    if s.route is not None:  # picks one of the adapters per request (--router)
+        data.append({"id": s.route.name, **entry, "root": s.route.name, "parent": s.name})
     return {"object": "list", "data": data}
 
 

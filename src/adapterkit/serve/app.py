@@ -46,6 +46,7 @@ def create_app(
     allow_hub_refs: bool = False,
     aliases: Sequence[str] = (),
     public_metrics: bool = False,
+    route=None,
 ) -> FastAPI:
     """The server of ``engine`` (an :class:`adapterkit.serve.engine.Engine` for a causal LM, a
     :class:`~adapterkit.serve.registry.Direct` for an encoder) under the base model's ``name``.
@@ -55,7 +56,9 @@ def create_app(
     without a key (by default they need one, as every other route does, where keys are set)."""
     app = FastAPI(title="adapterkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     limits = limits or Limits()
-    app.state.s = State(engine, tokenizer, registry, name, kind, limits, keys, allow_hub_refs, aliases, public_metrics)
+    app.state.s = State(
+        engine, tokenizer, registry, name, kind, limits, keys, allow_hub_refs, aliases, public_metrics, route
+    )
     registry.on_event = app.state.s.metrics.adapter_event
     for error, handler in HANDLERS.items():
         app.add_exception_handler(error, handler)

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from adapterkit.errors import AdapterError, shown
 from adapterkit.serve.engine import Chunk, ContextExceeded, QueueFull, Sampling
 from adapterkit.serve.plumbing import CAUSAL, ApiError, Authorized, State, adapter_source, needs, read_body
+from adapterkit.serve.routed import BASE
 from adapterkit.serve.schemas import Chat, Completion, Sampled
 
 T = TypeVar("T")
@@ -27,8 +28,10 @@ async def completions(request: Request, s: State = Authorized) -> Any:
     started = time.monotonic()
     body = await read_body(request, Completion, s.limits.max_body_bytes)
     needs(s, CAUSAL, "/v1/completions")
-    prompts = [await _tokens(s, text, chat=False) for text in body.prompts()]
-    return await _generate(request, s, body, prompts, body.max_tokens or 16, "text_completion", started)
+    texts = body.prompts()
+    prompts = [await _tokens(s, text, chat=False) for text in texts]
+    model = await _chosen(s, body.model, texts, "prompt")
+    return await _generate(request, s, body, prompts, body.max_tokens or 16, "text_completion", started, model)
 
 
 async def chat_completions(request: Request, s: State = Authorized) -> Any:
@@ -40,7 +43,21 @@ async def chat_completions(request: Request, s: State = Authorized) -> Any:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await _tokens(s, messages, chat=True)
     asked = body.max_completion_tokens or body.max_tokens  # None: the rest of the context, up to the limit
-    return await _generate(request, s, body, [prompt], asked, "chat.completion", started)
+    model = await _chosen(s, body.model, [messages], "messages")
+    return await _generate(request, s, body, [prompt], asked, "chat.completion", started, model)
+
+
+async def _chosen(s: State, model: str, prompts: list, param: str) -> str:
+    """The model a request runs on: the one it names, or for the auto model (``--router``) the adapter
+    chosen from its text (the base model's name for text of no adapter's task), counted in /metrics."""
+    if s.route is None or model != s.route.name:
+        return model
+    if len(prompts) != 1:
+        raise ApiError(400, f"the {model!r} model routes one prompt per request; send the prompts apart",
+                       param=param)  # fmt: skip
+    chosen = await s.route.choose(s.engine, prompts[0])
+    s.metrics.routed.labels(chosen or BASE).inc()
+    return chosen or s.name
 
 
 async def _tokens(s: State, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
@@ -80,9 +97,11 @@ async def _generate(
     max_tokens: int | None,
     kind: str,
     started: float,
+    model: str,
 ):
-    """Check, submit (loading the adapter within the request's time limit), and answer whole or streamed.
-    ``max_tokens`` None: as many as the context has room for after the prompt (at most the server's limit)."""
+    """Check, submit (loading ``model``'s adapter within the request's time limit), and answer whole or
+    streamed. ``max_tokens`` None: as many as the context has room for after the prompt (at most the
+    server's limit)."""
     if max_tokens is None:
         max_tokens = max(1, min(s.limits.max_tokens, s.engine.max_context - max(map(len, prompts))))
     if max_tokens > s.limits.max_tokens:
@@ -95,13 +114,13 @@ async def _generate(
     except AdapterError as e:
         raise ApiError(400, shown(str(e))) from None
     _fits(s, prompts, max_tokens, "prompt" if kind == "text_completion" else "messages")
-    source, deadline = adapter_source(s, body.model), started + s.limits.request_timeout
+    source, deadline = adapter_source(s, model), started + s.limits.request_timeout
     try:
         streams = await asyncio.wait_for(_submit(s, source, prompts, sampling), max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         raise _failure(Chunk("", "timeout")) from None
     s.metrics.prompt_tokens.inc(sum(map(len, prompts)))
-    reply = Reply(kind, body.model, started, s)
+    reply = Reply(kind, model, started, s)
     events = _events(streams, deadline)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

@@ -17,6 +17,7 @@ from adapterkit.serve.app import create_app
 from adapterkit.serve.guard import Timeouts, run
 from adapterkit.serve.plumbing import CAUSAL, ENCODER, Limits, read_keys
 from adapterkit.serve.registry import Direct, Registry
+from adapterkit.serve.routed import AutoRoute, auto_route, router_folders
 
 DTYPES = ("fp32", "bf16", "fp16")  # the base's weights (adapters keep the dtype they were saved in)
 
@@ -87,6 +88,8 @@ class Options:
     timeouts: Timeouts = Timeouts()  # slow clients: a request's head and body (serve.guard)
     prefill_chunk: int = 64  # prompt positions per prefill forward, and per step while others decode
     device: str | None = None  # a causal LM's: cpu, cuda, cuda:N (None: CUDA when present); encoders: the CPU
+    router: str | None = None  # "auto=DIR" or "auto=PATH,PATH": a model that picks the adapter (serve.routed)
+    router_threshold: float | None = None  # its "none of them" score (default: RouterConfig's)
 
 
 def build(model_dir: str, options: Options) -> FastAPI:
@@ -104,12 +107,29 @@ def build(model_dir: str, options: Options) -> FastAPI:
                         max_context=options.max_context, prefill_chunk=options.prefill_chunk)  # fmt: skip
     else:
         engine = Direct(model)
-    registry = Registry(engine, options.adapters, Bounds(options.max_adapters, options.max_adapter_bytes), options.hub)
+    route, adapters = _auto(model, tokenizer, kind, options)
+    registry = Registry(engine, adapters, Bounds(options.max_adapters, options.max_adapter_bytes), options.hub)
     keys = read_keys(options.api_key_file) if options.api_key_file else frozenset()
     name = Path(model_dir).name
     return create_app(engine, tokenizer, registry, name=name, kind=kind, limits=options.limits, keys=keys,
                       allow_hub_refs=options.allow_hub_refs, aliases=[model_dir],
-                      public_metrics=options.public_metrics)  # fmt: skip
+                      public_metrics=options.public_metrics, route=route)  # fmt: skip
+
+
+def _auto(model, tokenizer, kind: str, options: Options) -> tuple[AutoRoute | None, dict[str, str]]:
+    """The ``--router`` model, if any, and the adapters to serve: the given ones and the router's (a name
+    given by ``--adapter`` keeps its source)."""
+    if options.router is None:
+        return None, dict(options.adapters)
+    name, sep, value = options.router.partition("=")
+    if not sep or not name or not value:
+        raise AdapterError(f"--router {options.router!r}: give NAME=DIR or NAME=PATH,PATH,... (e.g. auto=adapters/)")
+    if kind != CAUSAL:
+        raise AdapterError("--router routes completions: serve a causal LM")
+    if name in options.adapters:
+        raise AdapterError(f"--router {name}: an adapter is served under that name; pick another (e.g. auto)")
+    route, served = auto_route(model, tokenizer, name, router_folders(value), options.router_threshold)
+    return route, {**served, **options.adapters}
 
 
 def serve(model_dir: str, options: Options, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -87,6 +87,7 @@ class State:
     allow_hub_refs: bool
     aliases: Sequence[str]
     public_metrics: bool = False  # /metrics and /openapi.json without a key (the operator's choice)
+    route: Any = None  # serve.routed.AutoRoute: the model that picks each request's adapter (--router)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics()
@@ -105,6 +106,9 @@ class Metrics:
         self.completion_tokens = Counter("adapterkit_completion_tokens", "completion tokens generated", registry=r)
         self.adapters = Counter(
             "adapterkit_adapter_events", "adapter loads, load failures, evictions", ["event"], registry=r
+        )
+        self.routed = Counter(
+            "adapterkit_routing_decisions", "requests to the auto model, by the adapter chosen", ["adapter"], registry=r
         )
         self.resident = Gauge("adapterkit_adapters_loaded", "adapters loaded in the model", registry=r)
         self.batch = Gauge("adapterkit_batch_size", "sequences in the last decoding step", registry=r)
