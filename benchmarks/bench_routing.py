@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from serve_load import quiet_line  # one quiet check for every benchmark (benchmarks/ is on the path)
 
 import adapterkit as ak
 from adapterkit.apps import llm_data, llm_demo, routing_data
@@ -35,7 +36,6 @@ from adapterkit.apps.demo import Run
 from adapterkit.core.routing import has_signature
 from adapterkit.files import cache_dir
 from adapterkit.training.answers import SCORERS
-from serve_load import quiet_line  # one quiet check for every benchmark (benchmarks/ is on the path)
 
 TASKS = ("sentiment", "extraction", "arithmetic", "topic", "acronym")
 SCORER = {**llm_data.SCORER, **routing_data.SCORER}
@@ -177,7 +177,7 @@ def latency(model, tok, data, router, rounds: int = 3) -> list[str]:
     rows = [(t, r) for t in TASKS for r in data[t]["test"][:4]]
     spent = {"route": [], "answer": []}
     for _ in range(rounds):
-        for task, row in rows:
+        for _, row in rows:
             gold = len(tok(row[-1]["content"], add_special_tokens=False)["input_ids"])
             start = time.perf_counter()
             choice = router.route([row[:-1]])
@@ -220,9 +220,15 @@ def main() -> None:
     validation = {t: prompts(data[t]["validation"]) for t in TASKS} | {None: general["validation"]}
     router = ak.Router.build(model, tok, [folders[t] for t in TASKS], validation=validation)
     top2, tfidf = router.with_config(top_k=2), TfidfRouter(data, general["validation"])
-    out = [f"# Routing (issue 26): SmolLM2-135M-Instruct, 5 LoRAs, {args.test} test prompts per task + "
-           f"{len(general['test'])} general", "", f"Command: `{' '.join(['python', *sys.argv])}`", "",
-           f"Router threshold chosen on validation: {router.config.threshold:.3f} ({router.calibration})", ""]  # fmt: skip
+    out = [
+        f"# Routing (issue 26): SmolLM2-135M-Instruct, 5 LoRAs, {args.test} test prompts per task + "
+        f"{len(general['test'])} general",
+        "",
+        f"Command: `{' '.join(['python', *sys.argv])}`",
+        "",
+        f"Router threshold chosen on validation: {router.config.threshold:.3f} ({router.calibration})",
+        "",
+    ]
     if args.only in (None, "accuracy"):
         routed = routing_rows(router, top2, tfidf, data, general["test"])
         out += accuracy_table(model, tok, data, router, top2, tfidf, routed) + [""]
