@@ -8,11 +8,16 @@ is not cached while offline) raises :class:`~adapterkit.errors.ModelSourceError`
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import ModelSourceError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def from_pretrained(auto_class: Any, source: str | os.PathLike, **kwargs: Any) -> Any:
@@ -67,3 +72,80 @@ def hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
+
+
+# -- a checkpoint transformers left memory-mapped: its tensors read one at a time -----------------------
+# transformers (5.x) loads a safetensors checkpoint as views of a private memory mapping of the file: nothing
+# is read until touched, but once touched (quantize_base reading a Linear weight, a forward) the pages stay
+# resident for as long as any view is alive, e.g. the fp32 embedding of a quantized model. Reading a tensor
+# with pread into memory of its own instead never brings the mapping's pages in.
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One region of a file mapped into this process: addresses ``[start, end)`` hold the file from ``offset``."""
+
+    start: int
+    end: int
+    offset: int
+    path: str
+
+
+def clean_mappings(suffix: str = ".safetensors") -> list[Mapping]:
+    """The regions of ``*suffix`` files mapped into this process in which no page was written through the
+    mapping (so the file holds what the tensors show); empty where ``/proc/self/smaps`` is not (not Linux)."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return []
+    found, current, dirty, inode = [], None, 0, "0"
+    for line in [*text.splitlines(), "0-0 ---p 0 00:00 0"]:  # the sentinel closes the last region
+        head = _REGION.match(line)
+        if head is None:
+            key, _, value = line.partition(":")
+            # a page written through a private mapping becomes anonymous (copy on write); Private_Dirty would
+            # also count the file's own pages not yet written back (a checkpoint just saved)
+            dirty += int(value.split()[0]) if key == "Anonymous" else 0
+            continue
+        if current is not None and current.path.endswith(suffix) and not dirty and _same_file(current.path, inode):
+            found.append(current)
+        start, end, offset, inode, path = head.groups()
+        current, dirty = Mapping(int(start, 16), int(end, 16), int(offset, 16), path.strip()), 0
+    return found
+
+
+_REGION = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ (\d+)\s*(.*)$")
+
+
+def _same_file(path: str, inode: str) -> bool:
+    """Whether ``path`` is still the file that was mapped (not replaced since: then pread would read another)."""
+    try:
+        return os.stat(path).st_ino == int(inode)
+    except OSError:
+        return False
+
+
+def file_place(tensor: torch.Tensor, mappings: list[Mapping]) -> tuple[str, int] | None:
+    """``(path, offset)`` of ``tensor``'s bytes when it is a contiguous CPU view of one of ``mappings``;
+    ``None`` when it lives in ordinary memory."""
+    ptr, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    if not size or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        return None
+    where = next((m for m in mappings if m.start <= ptr and ptr + size <= m.end), None)
+    return None if where is None else (where.path, where.offset + ptr - where.start)
+
+
+def read_tensor(path: str, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``like``'s shape and dtype read with pread from ``path`` at ``offset``, in memory of its own."""
+    import torch  # here: this module is imported by the CLI before it needs torch
+
+    out = torch.empty(like.shape, dtype=like.dtype)
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(buffer):  # pread may return fewer bytes than asked
+            n = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{path} ended before the tensor at byte {offset} did: was it changed while loaded?")
+            done += n
+    return out
