@@ -21,6 +21,7 @@ task: did the critic like the film (VADER movie reviews, yes/no).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -42,10 +43,12 @@ SCORER = {**llm_data.SCORER, **routing_data.SCORER}
 RUN = Run("lora (r=8)", "lora", lr=5e-3, epochs=1)
 
 
-def splits(test: int) -> dict[str, dict[str, list]]:
-    sizes = {"train": 100, "validation": 20, "test": test}
-    demo = llm_data.task_splits(0, sizes)
-    extra = {task: routing_data.splits(task, sizes) for task in ("topic", "acronym", "movies")}
+SIZES = {"train": 100, "validation": 20, "test": 40}  # per task; --test answers the first N test prompts only
+
+
+def splits() -> dict[str, dict[str, list]]:
+    demo = llm_data.task_splits(0, SIZES)
+    extra = {task: routing_data.splits(task, SIZES) for task in ("topic", "acronym", "movies")}
     return {**{t: demo[t] for t in llm_data.TASKS}, **extra}
 
 
@@ -53,15 +56,15 @@ def prompts(rows: list) -> list:
     return [list(row[:-1]) for row in rows]
 
 
-def adapters(model, tok, data, work: Path) -> dict[str, Path]:
+def adapters(model, tok, data, work: Path, run: Run) -> dict[str, Path]:
     """One LoRA per task, trained once (kept in ``work``) with its routing signature."""
     folders = {}
     for task in TASKS:
         folder = folders[task] = work / task
         if not has_signature(folder):
-            ak.add_adapter(model, task, RUN.preset)
+            ak.add_adapter(model, task, run.preset)
             ak.train_adapter(model, task)
-            seconds, _ = llm_demo.train(model, tok, data[task]["train"], RUN)
+            seconds, _ = llm_demo.train(model, tok, data[task]["train"], run)
             print(f"trained {task} in {seconds:.0f} s", file=sys.stderr)
             ak.save_adapter(model, task, folder)
             ak.save_signature(folder, ak.signature(model, tok, prompts(data[task]["train"])))
@@ -208,21 +211,24 @@ def composition(model, tok, data) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--test", type=int, default=40, help="test conversations per task")
-    p.add_argument("--work", type=Path, default=cache_dir() / "bench_routing", help="where the adapters are kept")
+    p.add_argument("--test", type=int, default=40, help="test conversations answered per task (routing: all 40)")
+    p.add_argument("--epochs", type=float, default=RUN.epochs, help="training epochs (a smoke test: 0.1)")
+    p.add_argument("--work", type=Path, default=cache_dir() / "bench_routing" / "v2", help="the adapters kept")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["accuracy", "latency", "compose"], help="one part")
     args = p.parse_args()
     model, tok = llm_demo.load(args.threads)
-    data = splits(args.test)
+    data = splits()
+    answered = {t: {**s, "test": s["test"][: args.test]} for t, s in data.items()}
     general = routing_data.general(24, 44)
-    folders = adapters(model, tok, data, args.work)
+    run = dataclasses.replace(RUN, epochs=args.epochs)
+    folders = adapters(model, tok, data, args.work, run)
     validation = {t: prompts(data[t]["validation"]) for t in TASKS} | {None: general["validation"]}
     router = ak.Router.build(model, tok, [folders[t] for t in TASKS], validation=validation)
     top2, tfidf = router.with_config(top_k=2), TfidfRouter(data, general["validation"])
     out = [
-        f"# Routing (issue 26): SmolLM2-135M-Instruct, 5 LoRAs, {args.test} test prompts per task + "
-        f"{len(general['test'])} general",
+        f"# Routing (issue 26): SmolLM2-135M-Instruct, 5 LoRAs; routing on {SIZES['test']} test prompts per task "
+        f"+ {len(general['test'])} general, answers on {args.test} per task",
         "",
         f"Command: `{' '.join(['python', *sys.argv])}`",
         "",
@@ -231,11 +237,11 @@ def main() -> None:
     ]
     if args.only in (None, "accuracy"):
         routed = routing_rows(router, top2, tfidf, data, general["test"])
-        out += accuracy_table(model, tok, data, router, top2, tfidf, routed) + [""]
+        out += accuracy_table(model, tok, answered, router, top2, tfidf, routed) + [""]
     if args.only in (None, "latency"):
         out += [quiet_line()] + latency(model, tok, data, router) + [""]
     if args.only in (None, "compose"):
-        out += composition(model, tok, data)
+        out += composition(model, tok, answered)
     print("\n".join(out))
 
 
