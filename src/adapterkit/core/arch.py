@@ -120,6 +120,37 @@ _WHISPER = ArchSpec(
 # and LoRA targets share names; the decoder's cross-attention q/v projections are LoRA targets too).
 WHISPER_SEQ2SEQ = dataclasses.replace(_WHISPER, layers=r"layers\.\d+")
 
+# DINOv2: BERT's paths with transformers 5's attention names; pre-LN, each branch scaled by a LayerScale
+# after its output projection (so adapters on attn_out / ffn_out sit before the scale).
+_DINOV2 = ArchSpec(
+    layers=r"encoder\.layer\.\d+",
+    attn_in="attention",
+    attn_out="attention.o_proj",
+    ffn_in="mlp",
+    ffn_out="mlp.fc2",
+    attn_norm=None,
+    ffn_norm=None,
+    lora_targets=("q_proj", "v_proj"),
+    kv=("attention.k_proj", "attention.v_proj"),
+    ffn_hidden="mlp.fc1",
+)
+# CLIP's and SigLIP's towers share one pre-LN layer (CLIPEncoderLayer / SiglipEncoderLayer). A prompt goes
+# after the embeddings (patch + position embeddings, or token + position embeddings): "patch tokens" for the
+# vision towers, and before CLIP's pre-LayerNorm; the encoder's output loses it again, so CLIP's [CLS] pooling,
+# the text towers' EOS / last-token pooling and SigLIP's attention-pooling head see the original sequence.
+_CLIP = ArchSpec(
+    layers=r"encoder\.layers\.\d+",
+    attn_in="self_attn",
+    attn_out="self_attn.out_proj",
+    ffn_in="mlp",
+    ffn_out="mlp.fc2",
+    attn_norm=None,
+    ffn_norm=None,
+    lora_targets=("q_proj", "v_proj"),
+    kv=("self_attn.k_proj", "self_attn.v_proj"),
+    ffn_hidden="mlp.fc1",
+)
+
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
@@ -170,6 +201,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ffn_hidden="mlp.fc1",
         prompt_strip="layernorm",
     ),
+    "dinov2": _DINOV2,
+    "clip_vision_model": _CLIP,
+    "clip_text_model": _CLIP,
+    "siglip_vision_model": _CLIP,
+    "siglip_text_model": _CLIP,
     "wav2vec2": _WAV2VEC2,
     "wav2vec2-stable": _WAV2VEC2_STABLE,
     "hubert": _WAV2VEC2,

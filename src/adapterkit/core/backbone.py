@@ -27,9 +27,21 @@ def base_prefix(model: nn.Module) -> str:
     for name, child in model.named_children():
         if child is base:
             return name + "."
-    # A head model whose backbone attribute is not base_model_prefix (WhisperForAudioClassification.encoder)
+    # A head model whose backbone attribute is not base_model_prefix (WhisperForAudioClassification.encoder);
+    # not a bare model's own sub-model that its inputs bypass (transformers 5's Dinov2Model.encoder).
     backbones = [name for name, child in model.named_children() if isinstance(child, PreTrainedModel)]
-    return backbones[0] + "." if base is model and len(backbones) == 1 else ""
+    if base is model and len(backbones) == 1 and _takes_inputs(model, model.get_submodule(backbones[0])):
+        return backbones[0] + "."
+    return ""
+
+
+def _takes_inputs(model: nn.Module, child: nn.Module) -> bool:
+    """Whether ``model``'s input embeddings lie inside ``child`` (True where the model does not say)."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return True
+    return embeddings is None or any(m is embeddings for m in child.modules())
 
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

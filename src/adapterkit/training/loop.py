@@ -39,7 +39,11 @@ from adapterkit.errors import AdapterError
 from adapterkit.files import write_folder
 from adapterkit.runs import RUN_CONFIG
 from adapterkit.training import checkpoint as ck
-from adapterkit.training import logs, report
+from adapterkit.training import (
+    image_tasks,  # noqa: F401 (registers image-classification in TASKS)
+    logs,
+    report,
+)
 from adapterkit.training.distributed import Distributed
 from adapterkit.training.fit import Loop, Schedule
 from adapterkit.training.precision import Precision
@@ -424,7 +428,11 @@ def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, li
     if labels is None:
         task.fit_labels(train_table)
     task.labels = task.labels if labels is None else labels
-    tokenizer = None if task.name == "ctc" else _load(AutoTokenizer, config.model)
+    preprocessor = getattr(task, "load_preprocessor", None)  # image tasks: the model's image processor
+    if preprocessor is not None:
+        tokenizer = preprocessor(config.model)
+    else:
+        tokenizer = None if task.name == "ctc" else _load(AutoTokenizer, config.model)
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     val = task.encode(read_table(config.validation), tokenizer) if config.validation else []

@@ -180,17 +180,19 @@ def _prefixes(module: nn.Module, key: torch.Tensor) -> list:
     return [] if slot is None else slot.prefixes(key)
 
 
-def _extend_mask(module: nn.Module, mask, query: torch.Tensor, key: torch.Tensor, prefixes: list):
+def _extend_mask(module: nn.Module, mask, query: torch.Tensor, key: torch.Tensor, prefixes: list, causal=None):
     """The mask with the prefix columns in front: visible to all rows, or per row (``PerRow``).
 
-    None stays None when every column is visible and the model is not causal."""
+    None stays None when every column is visible and the model is not causal. ``causal``: the call's own
+    ``is_causal`` where the model passes one (CLIP's text tower: its attention modules say False); else the
+    module's."""
     visible = [
         v if v is not None else torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device) for k, _, v in prefixes
     ]
     rows = max(v.shape[0] for v in visible)
     visible = torch.cat([v.expand(rows, -1) for v in visible], dim=1)  # (B or 1, P)
     if mask is None:
-        causal = getattr(module, "is_causal", False)
+        causal = getattr(module, "is_causal", False) if causal is None else causal
         if not causal and rows == 1:
             return None
         q, k = query.shape[2], key.shape[2]
@@ -214,7 +216,7 @@ def prefix_attention(module, query, key, value, attention_mask, *args, base: str
         attend = sys.modules[type(module).__module__].eager_attention_forward
     prefixes = _prefixes(module, key)
     if prefixes:
-        attention_mask = _extend_mask(module, attention_mask, query, key, prefixes)
+        attention_mask = _extend_mask(module, attention_mask, query, key, prefixes, kwargs.get("is_causal"))
         key = torch.cat([*(k for k, _, _ in prefixes), key], dim=2)
         value = torch.cat([*(v for _, v, _ in prefixes), value], dim=2)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)

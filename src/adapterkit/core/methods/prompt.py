@@ -59,10 +59,10 @@ class PromptCall(_PromptPart):
 
     edits_inputs = True
 
-    def __init__(self, prompt: nn.Parameter, flag: Relay, shift_positions: bool) -> None:
+    def __init__(self, prompt: nn.Parameter, flag: Relay, shift_positions: bool, patches: PatchCount | None) -> None:
         super().__init__()
         share(self, "prompt", prompt, owner=False)
-        self.flag, self.shift_positions = flag, shift_positions
+        self.flag, self.shift_positions, self.patches = flag, shift_positions, patches
 
     def adapt_inputs(self, host, args, kwargs):
         bound = call_arguments(host, args, kwargs)
@@ -87,19 +87,14 @@ class PromptCall(_PromptPart):
         insert = past == 0
         for m in modules:
             m.flag.put(insert)
-        tokens = next((bound[k] for k in ("input_ids", "inputs_embeds") if bound.get(k) is not None), None)
-        if tokens is None or "attention_mask" not in inspect.signature(type(host).forward).parameters:
-            raise ConfigError(
-                f"{type(host).__name__} takes no tokens and attention_mask, so one row's prompt cannot be hidden "
-                "from another; run rows with different prompts in separate batches"
-            )
+        batch, new = _sequence(host, bound, modules[0].patches)
         length, mine = _lengths(modules, index)
         mask = bound.get("attention_mask")
-        batch, new = tokens.shape[:2]
         front = torch.arange(length, device=index.device)[None] >= (length - mine)[:, None]  # (B, P)
         if mask is None:
             mask = torch.ones(batch, past - (0 if insert else length) + new, dtype=torch.long, device=index.device)
-        bound["attention_mask"] = torch.cat([front.to(mask.dtype), mask], dim=1)
+        mask = torch.cat([front.to(mask.dtype), mask], dim=1)
+        bound["attention_mask"] = mask if _takes_mask(host) else _additive(mask, modules[0].prompt.dtype)
         if modules[0].shift_positions:
             positions = bound.get("position_ids")
             if positions is None:
@@ -111,6 +106,43 @@ class PromptCall(_PromptPart):
                 positions = torch.cat([own, positions], dim=1)
             bound["position_ids"] = positions
         return (), bound
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchCount:
+    """The positions of an image's embedding: its patch grid plus the tokens before it ([CLS]; none in SigLIP)."""
+
+    patch: int
+    extra: int
+
+    def __call__(self, pixels: torch.Tensor) -> int:
+        return (pixels.shape[-2] // self.patch) * (pixels.shape[-1] // self.patch) + self.extra
+
+
+def _sequence(host: nn.Module, bound: dict, patches: PatchCount | None) -> tuple[int, int]:
+    """``(batch, positions)`` of this call's input sequence, tokens or image patches."""
+    tokens = next((bound[k] for k in ("input_ids", "inputs_embeds") if bound.get(k) is not None), None)
+    if tokens is not None:
+        return tokens.shape[0], tokens.shape[1]
+    pixels = bound.get("pixel_values")
+    if pixels is None or patches is None:
+        raise ConfigError(
+            f"{type(host).__name__} takes no tokens or images, so one row's prompt cannot be hidden from another; "
+            "run rows with different prompts in separate batches"
+        )
+    return pixels.shape[0], patches(pixels)
+
+
+def _takes_mask(host: nn.Module) -> bool:
+    return "attention_mask" in inspect.signature(type(host).forward).parameters
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, T) 0/1 mask as the (B, 1, 1, T) additive mask that attention layers take as is: for vision towers
+    whose forward has no ``attention_mask`` (CLIP, SigLIP) but passes its keyword arguments down to them."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, torch.finfo(dtype).min)[
+        :, None, None
+    ]
 
 
 class PromptInsert(_PromptPart):
@@ -202,8 +234,9 @@ class PromptConfig(AdapterConfig):
         prompt = nn.Parameter(self._init(model, after))
         flag = Relay()  # whether this forward inserts the prompt (not a generation step)
         backbone = prefix[:-1] if prefix else ""
+        patches = _patch_count(model, after)
         return [
-            (backbone, PromptCall(prompt, flag, spec.prompt_before_positions)),
+            (backbone, PromptCall(prompt, flag, spec.prompt_before_positions, patches)),
             (prefix + spec.prompt_after, PromptInsert(prompt, flag)),
             (prefix + spec.prompt_strip, PromptStrip(prompt, flag)),
         ]
@@ -223,3 +256,20 @@ class PromptConfig(AdapterConfig):
         embedded = after.forward(ids)[0].to(dtype).clone()
         after.train(training)
         return embedded
+
+
+@torch.no_grad()
+def _patch_count(model: nn.Module, after: nn.Module) -> PatchCount | None:
+    """For an image model, how many positions its embedding module gives an image (found by running it once on
+    a blank image of the configured size); None for other models."""
+    config = model.config
+    if getattr(model, "main_input_name", None) != "pixel_values" or not hasattr(config, "patch_size"):
+        return None
+    size, patch = config.image_size, config.patch_size
+    blank = torch.zeros(1, getattr(config, "num_channels", 3), size, size, dtype=param_dtype(after))
+    training = after.training
+    after.eval()
+    out = after.forward(blank)  # .forward: no hooks, so no adapter
+    after.train(training)
+    out = out[0] if isinstance(out, tuple) else out
+    return PatchCount(patch, out.shape[1] - (size // patch) ** 2)
