@@ -34,6 +34,7 @@ AUTO_CLASSES = {
     "ctc": "AutoModelForCTC",
     "causal-lm": "AutoModelForCausalLM",
     "chat": "AutoModelForCausalLM",
+    "image-classification": "AutoModelForImageClassification",
 }
 MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable("table")  # raw HTML goes on to nh3, never to the page
 CARD_TAGS = nh3.ALLOWED_TAGS - {"area", "map"}
