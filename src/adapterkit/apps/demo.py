@@ -14,7 +14,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,10 +198,25 @@ def stored_size(model: nn.Module, run: Run) -> int:
 
 def run_one(run: Run, splits: dict[str, list]) -> dict[str, Any]:
     model = load_model()
+    prefix = model.base_model_prefix + "."
+    return run_row(model, run, splits, lambda name: not name.startswith(prefix), train, train_head, accuracy)
+
+
+def run_row(
+    model: nn.Module,
+    run: Run,
+    splits: dict[str, Any],
+    is_head: Callable[[str], bool],
+    train: Callable[..., float],
+    train_head: Callable[..., float],
+    accuracy: Callable[..., float],
+) -> dict[str, Any]:
+    """One table row on ``model``: the head alone (the parameters ``is_head`` names), every weight, or an
+    adapter trained, then scored on the validation and test splits (the text and the vision demos)."""
     total = sum(p.numel() for p in model.parameters())
     if run.preset is None:
         for name, p in model.named_parameters():
-            p.requires_grad_(not name.startswith(model.base_model_prefix + "."))
+            p.requires_grad_(is_head(name))
     elif run.preset != "full":
         adapters.add_adapter(model, "task", run.preset, **run.overrides)
         adapters.train_adapter(model, "task")

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapterkit.apps.demo import Run, select_runs, stored_size, table
-from adapterkit.core import adapters
+from adapterkit.apps.demo import Run, run_row, select_runs, table
 from adapterkit.training.fit import Loop, Schedule
 
 # 56 px: a 4 x 4 grid of DINOv2's 14-pixel patches (each 2 x 2 digit pixels), 17 positions with [CLS]. The
@@ -147,25 +146,12 @@ def accuracy(model: nn.Module, data, batch_size: int = 128) -> float:
 
 
 def run_one(run: Run, splits: dict[str, Any], path: str) -> dict[str, Any]:
-    model = load_model(path)
-    total = sum(p.numel() for p in model.parameters())
-    if run.preset is None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("classifier."))
-    elif run.preset != "full":
-        adapters.add_adapter(model, "task", run.preset, **run.overrides)
-        adapters.train_adapter(model, "task")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    seconds = (train_head if run.preset is None else train)(model, splits["train"], run)
-    return {
-        "method": run.label,
-        "trainable": trainable,
-        "percent": 100.0 * trainable / total,
-        "val": accuracy(model, splits["validation"]),
-        "test": accuracy(model, splits["test"]),
-        "seconds": seconds,
-        "bytes": stored_size(model, run),
-    }
+    return run_row(load_model(path), run, splits, is_head, train, train_head, accuracy)
+
+
+def is_head(name: str) -> bool:
+    """The head-only row trains DINOv2's linear classifier."""
+    return name.startswith("classifier.")
 
 
 def prepare(quick: bool, path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
