@@ -115,3 +115,21 @@ def test_router_folders_need_signatures_and_distinct_names(root, tmp_path):
     with pytest.raises(AdapterError, match="an adapter is served under that name"):
         build(str(root / "llama"), Options(adapters={"auto": str(root / "adapters" / "a")}, router="auto=x"))
     assert json.loads((root / "adapters" / "a" / "routing.json").read_text())["layer"] == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "auto", "messages": [{"role": "user", "content": 7}]},
+        {"model": "auto", "messages": []},
+        {"model": "auto", "messages": [{"role": "user", "content": "w1 " * 5000}]},
+        {"model": "auto", "messages": [{"role": "user", "content": "w1"}], "max_tokens": -1},
+        {"model": "auto", "prompt": [], "max_tokens": 2},
+    ],
+)
+def test_hostile_bodies_for_auto_are_4xx_json_and_route_nothing(served, body):
+    before = _decisions(served)
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    reply = requests.post(f"{served.url}{path}", json=body, timeout=10)
+    assert 400 <= reply.status_code < 500 and reply.json()["error"]["message"]
+    assert _decisions(served) == before  # refused before the router ran
