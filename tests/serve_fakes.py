@@ -89,7 +89,7 @@ class FakeEngine:
     def live(self) -> list[FakeStream]:
         return [s for s in self.streams if not s.done and not s.cancelled.is_set()]
 
-    def submit(self, ids: list[int], adapter: str | None, sampling: Sampling) -> FakeStream:
+    def submit(self, ids: list[int], adapter: str | None, sampling: Sampling, images=None) -> FakeStream:
         if len(self.live()) >= self.capacity:
             raise QueueFull("the queue is full")
         stream = FakeStream(self, ids, adapter, sampling)

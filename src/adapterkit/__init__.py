@@ -30,13 +30,14 @@ _WHERE = {  # public name -> the module that defines it
         "FusionConfig add_fusion delete_fusion fusion_regularization load_fusion save_fusion train_fusion"
     ),
     "adapterkit.core.generation": "generate",
+    "adapterkit.core.images": "ImageEncoder image_token",
     "adapterkit.core.io": "inspect_adapter save_adapter",
     "adapterkit.core.merging": "combine_adapters",
     "adapterkit.core.quantize": "QuantizeReport quantize_base",
     "adapterkit.core.routing": "Router RouterConfig Signature load_signature save_signature signature",
     "adapterkit.core.methods": (
-        "PRESETS AdapterConfig BottleneckConfig EAdapterConfig IA3Config LAdapterConfig LoRAConfig PAdapterConfig "
-        "PrefixConfig PromptConfig UnionConfig union"
+        "PRESETS AdapterConfig BottleneckConfig EAdapterConfig IA3Config ImageConfig LAdapterConfig LoRAConfig "
+        "PAdapterConfig PrefixConfig PromptConfig UnionConfig union"
     ),
     "adapterkit.errors": "AdapterError AdapterFileError ArchitectureError ConfigError",
     "adapterkit.hub.client": "load_adapter",  # hub: references resolve here, above the core's loader

@@ -14,7 +14,7 @@ RUN_CONFIG = "train_config.json"  # marks an `adapterkit train` output folder
 # The tasks `adapterkit train` knows, named here so that the CLI's parser needs no torch
 # (training.tasks.TASKS holds the classes; a test keeps the two equal).
 TASK_NAMES = ("classification", "regression", "token-classification", "ctc", "causal-lm", "chat")
-TASK_NAMES += ("image-classification",)
+TASK_NAMES += ("image-classification", "image-chat")
 
 
 def is_run(path: str | os.PathLike) -> bool:

@@ -598,6 +598,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--patience", type=int, help="early stopping: evaluations without improvement")
     t.add_argument("--metric", help="the selection metric (default: the task's first)")
     t.add_argument("--threads", type=int, help="torch threads")
+    t.add_argument("--vision-encoder", help="image-chat: the frozen vision model's folder (e.g. DINOv2)")
+    t.add_argument("--image-size", type=int, help="image-chat: pixels a side the encoder sees (default 112)")
+    t.add_argument("--image-pool", type=int, help="image-chat: patch features pooled N x N (default 2)")
     t.add_argument("--quantize", choices=["int8", "int4"], help="keep the frozen base's Linear weights in int8/int4")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the frozen base's weights (default fp32)")
     t.add_argument("--autocast", choices=["bf16", "fp16", "none"],

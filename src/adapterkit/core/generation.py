@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from adapterkit.core import adapters
+from adapterkit.core import adapters, images
 from adapterkit.core.banks import Bank
 from adapterkit.core.composition import PerRow
+from adapterkit.core.methods.image import ImageConfig, image_part
 from adapterkit.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def generate(
     per_prompt: Sequence[str | None] | None = None,
     route: Router | None = None,
     streamer: Any = None,
+    vision: images.ImageEncoder | None = None,
 ) -> list[str]:
     """The completion of each prompt (without the prompt, special tokens or the stop string).
 
@@ -45,6 +47,9 @@ def generate(
     ``route``: an :class:`~adapterkit.core.routing.Router` that picks ``per_prompt`` from the prompts
     themselves (its ``top_k`` > 1: a weighted ``Average`` of the best adapters per prompt).
     ``streamer``: a transformers streamer (e.g. ``TextStreamer``) fed the tokens as they come (one prompt).
+    Images: a user turn's ``content`` may be a list of text and image parts (:mod:`adapterkit.core.images`),
+    seen by the active (or per-prompt) image adapter through its encoder (``vision``: an encoder already
+    loaded, else the one the adapter names).
     """
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise AdapterError(
@@ -59,8 +64,11 @@ def generate(
     if per_prompt is not None and len(per_prompt) != len(prompts):
         raise AdapterError(f"per_prompt names {len(per_prompt)} adapters for {len(prompts)} prompts")
     device = next(model.parameters()).device  # the prompts go where the model is (a GPU)
+    prompts, feed, image_token = _with_images(model, tokenizer, prompts, per_prompt, vision)
     batch = {k: v.to(device) for k, v in _encode(tokenizer, prompts, chat).items()}
     options = {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
+    if image_token is not None:  # reserved for images: never generated
+        options["suppress_tokens"] = [image_token]
     options["eos_token_id"] = end_tokens(model, tokenizer)
     if temperature > 0:
         options |= {"temperature": temperature, "top_p": top_p}
@@ -70,7 +78,7 @@ def generate(
         options["streamer"] = streamer
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.no_grad(), _setup(model, per_prompt):
+    with torch.no_grad(), _setup(model, per_prompt), feed:
         out = model.generate(**batch, **options)
     texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [_cut(text, stop) for text in texts]
@@ -85,6 +93,41 @@ class StopStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _with_images(model: nn.Module, tokenizer, prompts: Sequence, per_prompt, vision) -> tuple[list, Any, int | None]:
+    """The prompts with each image part replaced by its image positions, the features to feed, and the image
+    token (prompts without images: unchanged, nothing fed, None)."""
+    if not any(map(images.has_images, prompts)):
+        return list(prompts), contextlib.nullcontext(), None
+    config = image_adapter(model, per_prompt)
+    vision = vision or images.encoder(config.encoder, config.image_size, config.pool)
+    if vision.tokens != config.tokens or vision.width != config.features:
+        raise images.ImageError(
+            f"the encoder gives {vision.tokens} x {vision.width} features an image, not "
+            f"the {config.tokens} x {config.features} the image adapter takes"
+        )
+    placeholder = tokenizer.convert_ids_to_tokens(config.image_token_id) * config.tokens
+    flat, pictures = [], []
+    for prompt in prompts:
+        messages, found = images.flatten(_conversation(prompt), placeholder)
+        flat.append(messages)
+        pictures += found
+    return flat, images.feeding(vision(pictures)), config.image_token_id
+
+
+def image_adapter(model: nn.Module, per_prompt: Sequence[str | None] | None = None) -> ImageConfig:
+    """The image projector's config of the active adapters (or of ``per_prompt``'s): exactly one kind."""
+    names = [n for n in per_prompt if isinstance(n, str)] if per_prompt is not None else adapters.active_adapters(model)
+    configs = adapters.list_adapters(model)
+    found = {image_part(configs[n]) for n in names if n in configs} - {None}
+    if len(found) != 1:
+        raise images.ImageError(
+            "images need one active image adapter (ak.ImageConfig in a union with the LLM's adapter)"
+            if not found
+            else "the prompts' image adapters differ in encoder or image token; batch them apart"
+        )
+    return found.pop()
 
 
 def _encode(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Tensor]:

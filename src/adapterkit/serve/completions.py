@@ -20,6 +20,7 @@ from adapterkit.serve.engine import Chunk, ContextExceeded, QueueFull, Sampling
 from adapterkit.serve.plumbing import CAUSAL, ApiError, Authorized, State, adapter_source, needs, read_body
 from adapterkit.serve.routed import BASE
 from adapterkit.serve.schemas import Chat, Completion, Sampled
+from adapterkit.serve.vision import Vision
 
 T = TypeVar("T")
 
@@ -41,10 +42,12 @@ async def chat_completions(request: Request, s: State = Authorized) -> Any:
     if getattr(s.tokenizer, "chat_template", None) is None:
         raise ApiError(400, f"{s.name} has no chat template: use /v1/completions", code="no_chat_template")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = await _tokens(s, messages, chat=True)
+    count = sum(m.images() for m in body.messages)
+    vision = Vision([{"role": m.role, "content": m.parts()} for m in body.messages], count) if count else None
+    prompt = await _tokens(s, messages, chat=True)  # with images: their text alone, checked before they are read
     asked = body.max_completion_tokens or body.max_tokens  # None: the rest of the context, up to the limit
     model = await _chosen(s, body.model, [messages], "messages")
-    return await _generate(request, s, body, [prompt], asked, "chat.completion", started, model)
+    return await _generate(request, s, body, [prompt], asked, "chat.completion", started, model, vision)
 
 
 async def _chosen(s: State, model: str, prompts: list, param: str) -> str:
@@ -98,6 +101,7 @@ async def _generate(
     kind: str,
     started: float,
     model: str,
+    vision: Vision | None = None,
 ):
     """Check, submit (loading ``model``'s adapter within the request's time limit), and answer whole or
     streamed. ``max_tokens`` None: as many as the context has room for after the prompt (at most the
@@ -116,7 +120,8 @@ async def _generate(
     _fits(s, prompts, max_tokens, "prompt" if kind == "text_completion" else "messages")
     source, deadline = adapter_source(s, model), started + s.limits.request_timeout
     try:
-        streams = await asyncio.wait_for(_submit(s, source, prompts, sampling), max(0.0, deadline - time.monotonic()))
+        submitted = _submit(s, source, prompts, sampling, vision)
+        streams = await asyncio.wait_for(submitted, max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         raise _failure(Chunk("", "timeout")) from None
     s.metrics.prompt_tokens.inc(sum(map(len, prompts)))
@@ -163,19 +168,33 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _submit(s: State, source: str | None, prompts: list[list[int]], sampling: Sampling) -> list:
-    """One engine stream per prompt; the adapter is held (never evicted) until the engine has them."""
+async def _submit(
+    s: State, source: str | None, prompts: list[list[int]], sampling: Sampling, vision: Vision | None = None
+) -> list:
+    """One engine stream per prompt; the adapter is held (never evicted) until the engine has them. With
+    images, the prompt is made again with their positions once the adapter that reads them is loaded."""
     if source is None:
+        if vision is not None:
+            await vision.prepared(s, None, _chat_tokens)  # refused: the base model reads no images
         return _submit_all(s, None, prompts, sampling)
     async with s.registry.use(source) as entry:
-        return _submit_all(s, entry.inner, prompts, sampling)
+        seen = None
+        if vision is not None:
+            ids, seen = await vision.prepared(s, entry.inner, _chat_tokens)
+            prompts = [ids]
+            _fits(s, prompts, sampling.max_tokens, "messages")
+        return _submit_all(s, entry.inner, prompts, sampling, seen)
 
 
-def _submit_all(s: State, inner: str | None, prompts: list[list[int]], sampling: Sampling) -> list:
+async def _chat_tokens(s: State, messages: list[dict[str, str]]) -> list[int]:
+    return await _tokens(s, messages, chat=True)
+
+
+def _submit_all(s: State, inner: str | None, prompts: list[list[int]], sampling: Sampling, images=None) -> list:
     streams = []
     try:
         for ids in prompts:
-            streams.append(s.engine.submit(ids, inner, sampling))
+            streams.append(s.engine.submit(ids, inner, sampling, images))
     except QueueFull:
         for stream in streams:
             stream.cancel()

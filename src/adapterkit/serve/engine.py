@@ -129,15 +129,24 @@ class Engine:
                 self._cond.notify_all()
             self._thread.join(max(timeout, 5.0))
 
-    def submit(self, prompt_ids: list[int], adapter: str | None, sampling: Sampling) -> Stream:
+    def submit(
+        self, prompt_ids: list[int], adapter: str | None, sampling: Sampling, images: tuple | None = None
+    ) -> Stream:
         """Queue a request (thread-safe); its events come on the returned stream. ``adapter`` None: the base
         model. Raises :class:`QueueFull` when ``max_queue`` requests wait, AdapterError for a bad prompt
-        (``code`` ``context_length_exceeded`` where prompt plus ``max_tokens`` do not fit the context)."""
+        (``code`` ``context_length_exceeded`` where prompt plus ``max_tokens`` do not fit the context).
+        ``images``: ``(features (rows, width), image token)``, one feature row per image position of the prompt,
+        in order (:mod:`adapterkit.core.images`)."""
         prompt = self.check_prompt(prompt_ids, sampling.max_tokens)
         if adapter is not None and not isinstance(adapter, str):
             raise AdapterError(f"adapter must be a name or None, got {adapter!r}")
         stream = Stream(self._wake)
         request = Request(prompt, adapter, sampling, stream, TextDeltas(self.tokenizer, sampling.stop))
+        if images is not None:
+            request.images, request.image_token = images
+            if prompt.count(request.image_token) != len(request.images):
+                raise AdapterError(f"the prompt holds {prompt.count(request.image_token)} image positions for "
+                                   f"{len(request.images)} image feature rows")  # fmt: skip
         if sampling.temperature > 0:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ import contextlib
 import torch
 from torch import nn
 
+from adapterkit.core import images
 from adapterkit.core import state as st
 from adapterkit.core.banks import Bank
 from adapterkit.core.composition import Stack
@@ -49,7 +50,8 @@ class Runner:
         start = request.prefilled
         ids = torch.tensor([request.prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
-        return self.forward([Row(slot, request.adapter)], ids, positions)[0]
+        with _fed([request.image_rows(end)]):
+            return self.forward([Row(slot, request.adapter)], ids, positions)[0]
 
     def prefill_packed(self, chunks: list[tuple[int, Request, int]], rows: int) -> Logits:
         """Several prompts' chunks ``(slot, request, end)`` in one forward of exactly ``rows`` tokens, one
@@ -66,7 +68,7 @@ class Runner:
         step = Step(names, self.cache, segments=segments)
         last = [s.first + s.count - 1 for s in segments]
         keep = last + [0] * (self.max_batch - len(last))  # a fixed row count for the LM head too
-        with self.head_rows(keep) as kept:
+        with self.head_rows(keep) as kept, _fed([request.image_rows(end) for _, request, end in chunks]):
             logits = self.run(step, torch.tensor(ids, device=self.device)[:, None], torch.tensor(positions)[:, None])
         return [logits[i] for i in (range(len(last)) if kept else last)]
 
@@ -150,3 +152,9 @@ class Runner:
             return self.bank.use(names)
         state = self.model.__dict__.get(st.STATE)
         return state.override(Stack()) if state is not None else contextlib.nullcontext()
+
+
+def _fed(rows: list[torch.Tensor | None]):
+    """The image features of a prefill's image positions, in the order its ids hold them (or nothing)."""
+    found = [r for r in rows if r is not None and len(r)]
+    return images.feeding(torch.cat(found)) if found else contextlib.nullcontext()

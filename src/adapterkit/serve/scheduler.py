@@ -31,6 +31,15 @@ class Request:
     generator: torch.Generator | None = None
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     prefilled: int = 0  # prompt positions in the cache: a long prompt is prefilled in chunks
+    images: torch.Tensor | None = None  # (rows, width): the image features of the prompt's image positions
+    image_token: int | None = None  # the token id of those positions
+
+    def image_rows(self, end: int) -> torch.Tensor | None:
+        """The image features of prompt positions ``[prefilled, end)`` (None: the prompt has no images)."""
+        if self.images is None:
+            return None
+        before = self.prompt[: self.prefilled].count(self.image_token)
+        return self.images[before : before + self.prompt[self.prefilled : end].count(self.image_token)]
 
     @property
     def prefilling(self) -> bool:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 MAX_TEXT = 2**20  # characters of one prompt, message or input (the body cap is the real bound)
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_IMAGE_URL = 2**22  # characters of one image's data: URL (3 MiB of image file)
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Stop = Annotated[str, Field(min_length=1, max_length=200)]
@@ -59,19 +60,41 @@ class Completion(Sampled):
 
 
 class Part(Body):
-    """One part of a message's content; text only."""
+    """A text part of a message's content."""
 
     type: Literal["text"]
     text: Text
 
 
+class ImageUrl(Body):
+    url: Annotated[str, Field(max_length=MAX_IMAGE_URL)]  # data:image/png;base64,... only (nothing is fetched)
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted; every image is seen at the adapter's size
+
+
+class ImagePart(Body):
+    """An image part of a message's content, for an image adapter (``ak.ImageConfig``)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class Message(Body):
     role: Literal["system", "user", "assistant"]
-    content: Text | Annotated[list[Part], Field(min_length=1, max_length=64)]
+    content: Text | Annotated[list[Part | ImagePart], Field(min_length=1, max_length=64)]
     name: Annotated[str, Field(max_length=64)] | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content's text (image parts left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, Part))
+
+    def parts(self) -> str | list[dict]:
+        """The content as :mod:`adapterkit.core.images` reads it."""
+        return self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
+
+    def images(self) -> int:
+        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImagePart) for p in self.content)
 
 
 class Chat(Sampled):

@@ -12,8 +12,7 @@ does not decode names its row and column.
 
 from __future__ import annotations
 
-import io
-import warnings
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapterkit.training.tables import Table
-from adapterkit.training.tasks import TASKS, Classification, Example
-
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # what Pillow may try to decode
+from adapterkit.core import images
+from adapterkit.core.images import open_image
+from adapterkit.core.methods import AdapterConfig, ImageConfig, union
+from adapterkit.training.tables import DataError, Table
+from adapterkit.training.tasks import TASKS, Chat, Classification, Example, conversation, pack_batch, pad_batch
 
 
 class ImageProcessing:
@@ -81,25 +81,6 @@ def decode_image(table: Table, row: int, value: Any, column: str):
         raise table.fail(row, column, f"{where}: {e}") from e
 
 
-def open_image(data: bytes):
-    """Decode ``data`` (a whole image file) to RGB; ``ValueError`` for anything Pillow will not decode safely:
-    an unknown or truncated file, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-                image.load()
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"refused: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ValueError(f"not an image in a known format ({', '.join(FORMATS)})") from e
-    except (OSError, SyntaxError, EOFError) as e:  # truncated or corrupt data
-        raise ValueError(f"a damaged image file ({e})") from e
-
-
 def _image_bytes(table: Table, row: int, value: Any, column: str) -> tuple[bytes, str]:
     if isinstance(value, dict):  # a datasets Image value
         value = value.get("bytes") or value.get("path")
@@ -115,3 +96,94 @@ def _image_bytes(table: Table, row: int, value: Any, column: str) -> tuple[bytes
 
 
 TASKS[ImageClassification.name] = ImageClassification  # imported by training.loop, so make_task finds it
+
+
+class ImageChat(Chat):
+    """Conversations whose user turns hold images (``--task image-chat``), LLaVA's recipe: a trainable projector
+    from a frozen vision encoder (``--vision-encoder``) into the frozen LLM's embeddings, in a union with the
+    ``--adapter`` family on the LLM; the loss is on the assistant's turns, as ``chat``.
+
+    A message's ``content`` is a string or a list of parts ``{"type": "text", "text": ...}`` and ``{"type":
+    "image", "image": <a path relative to the data file, or the file's bytes>}``. The encoder is frozen, so
+    each image's features are computed once, when the rows are read.
+    """
+
+    name = "image-chat"
+    group_by_length = False  # every row of the demo's data has about one length
+
+    def prepare(self, config: Any) -> None:
+        if not config.vision_encoder:
+            raise DataError("--task image-chat needs --vision-encoder (the vision model's folder, e.g. DINOv2)")
+        self.vision = images.encoder(config.vision_encoder, config.image_size, config.image_pool)
+        self.image = ImageConfig(
+            encoder=config.vision_encoder,
+            features=self.vision.width,
+            image_size=config.image_size,
+            patch=self.vision.patch,
+            pool=config.image_pool,
+            image_token_id=0,  # set from the tokenizer in encode
+        )
+
+    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
+        return union(self.image, config)
+
+    def encode(self, table: Table, tokenizer) -> list[Example]:
+        self.image = self.image.replace(image_token_id=images.image_token(tokenizer))
+        placeholder = tokenizer.convert_ids_to_tokens(self.image.image_token_id) * self.image.tokens
+        column = table.column(self.text_column, "--text-column")
+        examples = []
+        for i, value in enumerate(column):
+            messages, pictures = self._messages(table, i, value, placeholder)
+            example = self._example(table, i, tokenizer, messages)
+            if example["input_ids"].count(self.image.image_token_id) != len(pictures) * self.image.tokens:
+                raise table.fail(i, self.text_column, "--max-length cuts an image (or the text holds the image token)")
+            example["image_features"] = self.vision(pictures).numpy() if pictures else None
+            examples.append(example)
+        return examples
+
+    def _messages(self, table: Table, row: int, value: Any, placeholder: str) -> tuple[list[dict[str, str]], list]:
+        """The row's conversation with its images as placeholders (checked as ``chat`` checks it), and the images."""
+        try:
+            raw = json.loads(value) if isinstance(value, str) else value
+            parts = [
+                {**m, "content": [self._part(table, row, p) for p in m["content"]]}
+                if isinstance(m.get("content"), list)
+                else m
+                for m in raw
+            ]
+            messages, pictures = images.flatten(parts, placeholder)
+        except (ValueError, TypeError, AttributeError) as e:  # ImageError is a ValueError
+            raise table.fail(row, self.text_column, f"expected a list of messages with image parts ({e})") from None
+        return conversation(table, row, self.text_column, messages), pictures
+
+    def _part(self, table: Table, row: int, part: Any) -> Any:
+        """An image part's file read (paths are relative to the data file); other parts as they are."""
+        if not isinstance(part, dict) or part.get("type") != "image" or not isinstance(part.get("image"), str):
+            return part
+        data, _ = _image_bytes(table, row, part.get("image"), self.text_column)
+        return {"type": "image", "image": data}
+
+    def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, pad_id) | {"image_features": _features(examples)}
+
+    def pack(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        return pack_batch(examples) | {"image_features": _features(examples)}
+
+    def loss(self, model, batch):
+        rest = dict(batch)
+        with images.feeding(rest.pop("image_features")):
+            return super().loss(model, rest)
+
+    def predict(self, model, batch):
+        rest = dict(batch)
+        with images.feeding(rest.pop("image_features")):
+            return super().predict(model, rest)
+
+
+def _features(examples: Sequence[Example]) -> torch.Tensor:
+    """The examples' image features in row order, ``(images, tokens, width)`` (rows without images add none)."""
+    found = [e["image_features"] for e in examples if e.get("image_features") is not None]
+    return torch.from_numpy(np.concatenate(found)) if found else torch.zeros(0, 1)
+
+
+TASKS[ImageChat.name] = ImageChat

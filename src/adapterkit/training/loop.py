@@ -33,6 +33,7 @@ from torch import nn
 from adapterkit.core import adapters, io, quantize, routing
 from adapterkit.core.backbone import head_parameters
 from adapterkit.core.device import default_autocast, place, resolve_device, to_device
+from adapterkit.core.methods import resolve_config
 from adapterkit.core.pretrained import from_pretrained
 from adapterkit.core.state import is_adapter_param
 from adapterkit.errors import AdapterError
@@ -92,6 +93,9 @@ class TrainConfig:
     packing: bool = False  # causal-lm and chat: a micro-batch's examples in one row, without padding
     device: str | None = None  # cpu, cuda or cuda:N (None: cuda when present); not part of identity()
     report_to: str | None = None  # "tensorboard": scalars in OUTPUT/tensorboard (training.logs)
+    vision_encoder: str | None = None  # image-chat: the frozen vision model's folder (its projector's input)
+    image_size: int = 112  # image-chat: pixels a side the encoder sees
+    image_pool: int = 2  # image-chat: patch features average-pooled pool x pool
 
     def __post_init__(self) -> None:
         if self.fsdp and self.full_finetune:
@@ -128,6 +132,7 @@ class TrainConfig:
         order = ("epochs", "max_steps", "lr", "batch_size", "seed", "group_by_length", "quantize")
         # later options count only when set, so that the checkpoints of runs from before them still resume
         later = {"dtype": "fp32", "autocast": None, "adapter_dtype": "fp32", "grad_accum": 1, "packing": False}
+        later |= {"vision_encoder": None, "image_size": 112, "image_pool": 2}
         out = {k: getattr(self, k) for k in (*keep, *order)}
         return out | {k: getattr(self, k) for k, default in later.items() if getattr(self, k) != default}
 
@@ -428,6 +433,7 @@ def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, li
     if labels is None:
         task.fit_labels(train_table)
     task.labels = task.labels if labels is None else labels
+    task.prepare(config)
     preprocessor = getattr(task, "load_preprocessor", None)  # image tasks: the model's image processor
     if preprocessor is not None:
         tokenizer = preprocessor(config.model)
@@ -478,7 +484,7 @@ def build_model(config: TrainConfig, task: Task) -> nn.Module:
     if config.full_finetune:
         model.requires_grad_(True)
     else:
-        adapters.add_adapter(model, ADAPTER, config.adapter, **config.set)
+        adapters.add_adapter(model, ADAPTER, task.adapter_config(resolve_config(config.adapter, **config.set)))
         adapters.train_adapter(model, ADAPTER)
         if config.packing:
             check_packable(adapters.known(model, ADAPTER).configs[ADAPTER])

@@ -47,6 +47,13 @@ class Task(abc.ABC):
     def model_kwargs(self) -> dict[str, Any]:
         return {}
 
+    def prepare(self, config: Any) -> None:  # noqa: B027 - optional hook
+        """Read what the task needs from the run's ``TrainConfig`` before the rows are encoded."""
+
+    def adapter_config(self, config: Any) -> Any:
+        """The adapter the run trains for the ``--adapter`` config (image-chat adds its projector)."""
+        return config
+
     @abc.abstractmethod
     def encode(self, table: Table, tokenizer) -> list[Example]:
         """The table's rows as examples: ``input_ids`` (or ``input_values``) and ``labels``."""

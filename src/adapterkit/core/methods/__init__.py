@@ -12,6 +12,7 @@ from adapterkit.core.methods.base import AdapterConfig, AdapterModule
 from adapterkit.core.methods.bottleneck import BottleneckConfig
 from adapterkit.core.methods.e_adapter import EAdapterConfig
 from adapterkit.core.methods.ia3 import IA3Config
+from adapterkit.core.methods.image import ImageConfig
 from adapterkit.core.methods.l_adapter import LAdapterConfig
 from adapterkit.core.methods.lora import LoRAConfig
 from adapterkit.core.methods.p_adapter import PAdapterConfig
@@ -32,6 +33,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         EAdapterConfig,
         LAdapterConfig,
         PAdapterConfig,
+        ImageConfig,
     )
 }
 
@@ -101,6 +103,7 @@ __all__ = [
     "LAdapterConfig",
     "PAdapterConfig",
     "IA3Config",
+    "ImageConfig",
     "LoRAConfig",
     "PrefixConfig",
     "PromptConfig",
