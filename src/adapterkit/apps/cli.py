@@ -386,6 +386,12 @@ def cmd_vision_demo(args: argparse.Namespace) -> None:
     vision_demo.main(quick=args.quick, output=args.output, threads=args.threads, methods=args.methods)
 
 
+def cmd_image_chat_demo(args: argparse.Namespace) -> None:
+    from adapterkit.apps import image_chat_demo
+
+    image_chat_demo.main(quick=args.quick, output=args.output, threads=args.threads, work=args.work)
+
+
 def cmd_speech_demo(args: argparse.Namespace) -> None:
     from adapterkit.apps import speech_demo
 
@@ -542,6 +548,10 @@ def parser() -> argparse.ArgumentParser:
     _run_options(vd, "a slice of the digits, 2 passes: under 4 minutes on 2 cores")
     vd.add_argument("--methods", default="all", help="all (default) or presets: lora,ia3,... (or row labels)")
     vd.set_defaults(func=cmd_vision_demo)
+    ic = sub.add_parser("image-chat-demo", help="SmolLM2 answers questions about images through a DINOv2 projector")
+    _run_options(ic, "200 training questions a type: about 6 minutes on 2 cores")
+    ic.add_argument("--work", help="a folder for the rendered images and the training run (default: a new temp folder)")
+    ic.set_defaults(func=cmd_image_chat_demo)
     sp = sub.add_parser("speech-demo", help="speech adapters vs full fine-tuning: ASR, speaker verification, emotion")
     _run_options(sp, "small subsets: about 4 minutes on 2 cores")
     sp.add_argument("--model", default="tiny.en", help="the Whisper to adapt: tiny.en (default) or base")
@@ -715,7 +725,7 @@ def _hub_parsers(sub) -> None:
 
 
 # their models and data are local: no hub lookups
-OFFLINE = {"demo", "llm-demo", "multitask", "speech-demo", "vision-demo", "predict"}
+OFFLINE = {"demo", "llm-demo", "multitask", "speech-demo", "vision-demo", "image-chat-demo", "predict"}
 
 
 def quiet_libraries() -> None:
