@@ -86,8 +86,11 @@ def test_bf16_autocast_trains_fp32_master_weights_close_to_fp32(work, tmp_path):
     bf16 = run(work, tmp_path / "bf16", autocast="bf16")
     ours, theirs = saved(tmp_path / "bf16"), saved(tmp_path / "fp32")
     assert {v.dtype for v in ours.values()} == {torch.float32}  # master weights, saved as trained
+    # bf16 rounding: close, and not equal where the CPU computes in bf16 (on CPUs without AVX512-BF16, as the CI
+    # machine's, torch 2.13's CPU autocast gave the fp32 losses to the last bit)
+    native = torch.cpu._is_avx512_bf16_supported()
     for (_, a), (_, b) in zip(bf16["history"]["loss"], fp32["history"]["loss"], strict=True):
-        assert a == pytest.approx(b, rel=2e-2) and a != b  # bf16 rounding: close, not equal
+        assert a == pytest.approx(b, rel=2e-2) and (a != b or not native)
     assert_close(ours, theirs, atol=5e-3)
 
 
