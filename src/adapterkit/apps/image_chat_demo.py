@@ -70,18 +70,23 @@ def load_llm(path: str):
 
 
 def main(quick: bool = False, output: str | None = None, threads: int | None = None, work: str | None = None):
-    """Train, answer, print the table (also to ``output``); returns the scores."""
+    """Train, answer, print the table (also to ``output``); returns the scores. ``work``: a folder kept for the
+    rendered images and the run (default: a temporary one, removed at the end)."""
     import tempfile
 
+    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory(prefix="image-chat-") as tmp:
+        return run(quick, output, Path(work or tmp))
+
+
+def run(quick: bool, output: str | None, root: Path) -> dict[str, Any]:
     import adapterkit as ak
     from adapterkit.apps.models import dinov2_small, smollm2
     from adapterkit.training import TrainConfig, train
 
-    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
     llm, vision = str(smollm2()), str(dinov2_small())
     sizes = QUICK if quick else SIZES
     splits = data.dataset(sizes)
-    root = Path(work or tempfile.mkdtemp(prefix="image-chat-"))
     train_file = write_split(splits["train"], root / "train")
     options = OPTIONS | ({"epochs": QUICK_EPOCHS} if quick else {})
     start = time.perf_counter()

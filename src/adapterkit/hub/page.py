@@ -35,6 +35,7 @@ AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "chat": "AutoModelForCausalLM",
     "image-classification": "AutoModelForImageClassification",
+    "image-chat": "AutoModelForCausalLM",
 }
 MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable("table")  # raw HTML goes on to nh3, never to the page
 CARD_TAGS = nh3.ALLOWED_TAGS - {"area", "map"}
