@@ -1,12 +1,12 @@
 """The request bodies the hub reads, as pydantic models: validated on arrival, published in the OpenAPI schema.
 
 The routes read their bodies themselves, after the token check and within a size cap (FastAPI would
-read a declared body first, whole), so the schema names these models through :func:`request_body`.
+read a declared body first, whole), so the schema names these models through :func:`adapterkit.web.request_body`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
@@ -75,9 +75,3 @@ class Commit(RootModel[list[Operation]]):
 
 
 BODIES = (Upload, NewRepo, Preupload, Commit)
-
-
-def request_body(model: type[BaseModel], media: str = "application/json") -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads its body itself (after the token check)."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {media: {"schema": schema}}}}

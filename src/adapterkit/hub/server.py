@@ -6,7 +6,8 @@ Reads are public unless ``private``; uploads and deletes need a token of the ada
 (``adapterkit hub token create OWNER``), checked before any body is read. Every body is bounded and
 validated against a pydantic model (also published at ``/openapi.json``). Every refusal is a 4xx with
 ``{"error": reason}`` (and the ``X-Error-Code`` header the HF client understands); every response
-carries headers that keep a browser from sniffing, framing or scripting it.
+carries headers that keep a browser from sniffing, framing or scripting it. The plumbing shared with
+``adapterkit serve`` (bounded bodies, tokens, security headers, the schema) is :mod:`adapterkit.web`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
-from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterkit.hub import page as page_html
 from adapterkit.hub.bodies import (
@@ -39,23 +36,16 @@ from adapterkit.hub.bodies import (
     Operation,
     Preupload,
     Upload,
-    request_body,
 )
 from adapterkit.hub.protocol import Card, parse_json, reason
 from adapterkit.hub.safety import HubError, check_name, check_path, check_ref
 from adapterkit.hub.store import Limits, Store
+from adapterkit.web import SecurityHeaders, bearer_token, bounded_body, openapi_with_bodies, request_body
 
 SMALL_BODY = 64 * 2**10  # create-repo: a name and a few flags
 PREUPLOAD_BODY = 2**20  # preupload: up to 256 paths with a 512-byte sample each
 PER_PAGE = 20  # adapters on a page of the index
 MEDIA_TYPES = {"training.png": "image/png", "README.md": "text/markdown; charset=utf-8"}  # the rest: bytes
-SECURITY = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -77,32 +67,6 @@ def create_app(root: str, private: bool = False, limits: Limits | None = None) -
     app.add_middleware(SecurityHeaders)
     app.openapi = functools.partial(openapi_with_bodies, app, BODIES)
     return app
-
-
-def openapi_with_bodies(app: FastAPI, bodies) -> dict[str, Any]:
-    """FastAPI's schema plus ``bodies``: the pydantic models of bodies the routes read themselves (bounded)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        _, defs = models_json_schema([(m, "validation") for m in bodies], ref_template="#/components/schemas/{model}")
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-class SecurityHeaders:
-    """Adds :data:`SECURITY` to every response (pure ASGI: file responses stream through untouched)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = [(k.lower().encode(), v.encode()) for k, v in SECURITY.items()]
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
 async def _refusal(request: Request, e: HubError) -> Response:
@@ -131,7 +95,7 @@ async def _crash(request: Request, e: Exception) -> Response:
 async def _authenticated(request: Request) -> tuple[Store, str]:
     """The store and the token's owner; 401 without a valid token."""
     store = request.app.state.store
-    who = store.owner_of(_token(request))
+    who = store.owner_of(bearer_token(request))
     if who is None:
         raise HubError(401, "uploads and deletes need a token: adapterkit hub token create OWNER")
     return store, who
@@ -143,7 +107,7 @@ async def readable(request: Request) -> Store:
     async: a sync dependency would cost every request a hop through the thread pool; the token
     lookup is one indexed SQLite read."""
     store = request.app.state.store
-    if request.app.state.private and store.owner_of(_token(request)) is None:
+    if request.app.state.private and store.owner_of(bearer_token(request)) is None:
         raise HubError(401, "this hub is private: pass a token (Authorization: Bearer ...)")
     return store
 
@@ -177,7 +141,7 @@ def card(store: Reader, owner: str, name: str, rev: str = "latest") -> Any:
 
 @api.post("/api/adapters/{owner}/{name}", openapi_extra=request_body(Upload))
 async def upload(request: Request, store: Writer, owner: str, name: str) -> Any:
-    raw = await _bounded(request, _upload_cap(store.limits))
+    raw = await bounded_body(request, _upload_cap(store.limits), HubError)
     return await run_in_threadpool(_upload, store, f"{owner}/{name}", raw)
 
 
@@ -244,7 +208,7 @@ def resolve(store: Reader, owner: str, name: str, rev: str, path: str) -> Any:
 async def create_repo(request: Request) -> Any:
     """The token first (401 before a byte of the body is read), then a small body, then the owner."""
     _, who = await _authenticated(request)
-    body = NewRepo.model_validate_json(await _bounded(request, SMALL_BODY))
+    body = NewRepo.model_validate_json(await bounded_body(request, SMALL_BODY, HubError))
     owner, _, name = body.name.rpartition("/")
     owner = body.organization or owner or who  # no namespace: the token owner's, as on the HF Hub
     await writable(request, owner)
@@ -256,7 +220,7 @@ async def create_repo(request: Request) -> Any:
 async def preupload(request: Request, store: Writer, owner: str, name: str, rev: str) -> Any:
     check_name(f"{owner}/{name}")
     check_ref(_rev(rev))
-    body = Preupload.model_validate_json(await _bounded(request, PREUPLOAD_BODY))
+    body = Preupload.model_validate_json(await bounded_body(request, PREUPLOAD_BODY, HubError))
     for planned in body.files:
         check_path(planned.path)
     return {"files": [{"path": f.path, "uploadMode": "regular", "shouldIgnore": False} for f in body.files]}
@@ -266,7 +230,7 @@ async def preupload(request: Request, store: Writer, owner: str, name: str, rev:
 async def hf_commit(request: Request, store: Writer, owner: str, name: str, rev: str) -> Any:
     """An HF commit adds and deletes files on top of the revision it names (none for a new adapter)."""
     repo = f"{owner}/{name}"
-    raw = await _bounded(request, _upload_cap(store.limits))
+    raw = await bounded_body(request, _upload_cap(store.limits), HubError)
     card = await run_in_threadpool(_hf_commit, store, repo, _rev(rev), raw)
     base = str(request.base_url).rstrip("/")
     return {
@@ -393,37 +357,12 @@ def _readme(store: Store, manifest: dict[str, dict]) -> str | None:
         return None
 
 
-def _token(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
-    return value[7:].strip() if value.lower().startswith("bearer ") else None
-
-
 def _rev(rev: str) -> str:
     return "latest" if rev == "main" else rev  # huggingface_hub asks for "main" by default
 
 
 def _upload_cap(limits: Limits) -> int:
     return limits.max_upload_bytes * 4 // 3 + 2**20  # base64 grows data by 4/3, plus the JSON around it
-
-
-async def _bounded(request: Request, cap: int) -> bytes:
-    """The request body, refused past ``cap`` bytes: by its Content-Length before reading, else when
-    the stream passes the cap (nothing past it is read)."""
-    declared = request.headers.get("content-length", "0")
-    if not declared.isdigit():
-        raise HubError(400, f"bad Content-Length {declared[:40]!r}")
-    if int(declared) > cap:
-        raise HubError(413, f"the body ({declared} bytes) is over the limit of {cap} bytes")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise HubError(413, f"the body is over the limit of {cap} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:  # nobody is left to answer; not a server error
-        raise HubError(400, "the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
 
 
 def _b64(path: str, data: str) -> bytes:

@@ -13,7 +13,8 @@ are bounded, a full queue is a 429 with ``Retry-After``. A request's own failure
 not load, the engine ends it with an error, it runs out of time) is that request's answer only.
 
 The app is assembled here from its parts: :mod:`.plumbing` (limits, errors, keys, bodies, metrics),
-:mod:`.completions`, :mod:`.encoders`, :mod:`.admin`; :mod:`.launch` runs it.
+:mod:`.completions`, :mod:`.encoders`, :mod:`.admin`, and what it shares with the hub's server,
+:mod:`adapterkit.web` (bounded bodies, tokens, security headers, the schema); :mod:`.launch` runs it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from adapterkit.hub.bodies import request_body
-from adapterkit.hub.server import SecurityHeaders, openapi_with_bodies
 from adapterkit.serve import admin, completions, encoders
 from adapterkit.serve.plumbing import CAUSAL, HANDLERS, Counted, Limits, State
 from adapterkit.serve.registry import Registry
 from adapterkit.serve.schemas import BODIES, Chat, Classify, Completion, Embeddings, NewAdapter
+from adapterkit.web import SecurityHeaders, openapi_with_bodies, request_body
 
 
 # -- the app ------------------------------------------------------------------------------------------

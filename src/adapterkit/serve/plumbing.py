@@ -1,6 +1,6 @@
 """What every route of ``adapterkit serve`` shares: its limits, OpenAI's error shape and the handlers that
-answer every refusal in it, the API key (checked before the body), the bounded body reader, the app's state
-and its Prometheus metrics."""
+answer every refusal in it, the API key (checked before the body), the body reader (bounded by
+:func:`adapterkit.web.bounded_body`), the app's state and its Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterkit.errors import AdapterError, shown
 from adapterkit.hub.protocol import parse_json, reason
 from adapterkit.serve.registry import AdapterUnavailable, Registry
 from adapterkit.serve.tokenizers import Tokenizers
+from adapterkit.web import bearer_token, bounded_body
 
 CAUSAL, ENCODER = "causal", "encoder"
 
@@ -194,8 +194,8 @@ async def authorized(request: Request) -> State:
     """Dependency of every /v1 and /admin route: the API key, checked before any byte of the body is read."""
     s: State = request.app.state.s
     if s.keys:
-        header = request.headers.get("authorization", "")
-        given = hash_key(header[7:].strip()) if header[:7].lower() == "bearer " else ""
+        token = bearer_token(request)
+        given = hash_key(token) if token is not None else ""
         if not any(hmac.compare_digest(given, key) for key in s.keys):
             raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
     return s
@@ -226,22 +226,9 @@ Observer = Depends(observer)
 
 async def read_body(request: Request, model: type[BaseModel], cap: int):
     """The body, bounded (by Content-Length before reading, else as it streams), parsed and validated."""
-    declared = request.headers.get("content-length", "0")
-    if not declared.isdigit():
-        raise ApiError(400, f"bad Content-Length {shown(declared[:40])!r}")
-    if int(declared) > cap:
-        raise ApiError(413, f"the body ({declared} bytes) is over the limit of {cap} bytes")
-    chunks, size = [], 0
+    raw = await bounded_body(request, cap, ApiError, shown)
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise ApiError(413, f"the body is over the limit of {cap} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before sending the whole body") from None
-    try:
-        return model.model_validate(parse_json(b"".join(chunks), "the body"))
+        return model.model_validate(parse_json(raw, "the body"))
     except ValueError as e:
         if isinstance(e, ValidationError):
             raise _from_validation(e) from None
