@@ -173,7 +173,8 @@ def randomize_adapters(model, std: float = 0.1, seed: int = 2):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".adapterkit." in name:
-                value = torch.randn(p.shape, generator=g) * std
+                # LoHa's update multiplies four factors: at std 0.1 it would barely move the output
+                value = torch.randn(p.shape, generator=g) * (3 * std if ".hada_w" in name else std)
                 p.copy_(value.abs() + std if name.endswith("bias") else value)
 
 

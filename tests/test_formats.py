@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import adapterkit as ak
 
 from conftest import randomize_adapters
+from test_methods import PRESETS as TABLE
 
 # (model, preset, overrides, format): everything each format can express, BERT and GPT-2, bare and with heads
 WRITABLE = [
@@ -37,6 +38,12 @@ WRITABLE = [
     ("bert-cls", "pfeiffer", {"bottleneck_size": 8}, "adapterhub"),
     ("gpt2", "pfeiffer", {}, "adapterhub"),
     ("gpt2", "houlsby", {}, "adapterhub"),
+]
+# every other method peft has, as the method table (test_methods.PRESETS) adds it, on BERT
+WRITABLE += [
+    ("bert", preset, {}, "peft")
+    for preset in TABLE
+    if type(ak.PRESETS[preset]).peft and preset not in {row[1] for row in WRITABLE if row[3] == "peft"}
 ]
 IDS = [f"{fmt}-{model}-{preset}-{'-'.join(map(str, o.values()))}" for model, preset, o, fmt in WRITABLE]
 

@@ -27,6 +27,8 @@ PRESETS = [
     "el",
     "p_adapter",
     "elp",
+    "loha",
+    "lokr",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}

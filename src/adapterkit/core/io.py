@@ -24,7 +24,8 @@ from adapterkit.core import adapters
 from adapterkit.core import state as st
 from adapterkit.core.arch import model_type
 from adapterkit.core.backbone import base_prefix, check_base, head_parameters
-from adapterkit.core.formats import CONFIG_FILE, FORMAT, pick, read_tensors
+from adapterkit.core.entries import CONFIG_FILE
+from adapterkit.core.formats import FORMAT, pick, read_tensors
 from adapterkit.core.formats.detect import PEERS, locate
 from adapterkit.core.methods import AdapterConfig, config_from_dict
 from adapterkit.errors import AdapterError, AdapterFileError

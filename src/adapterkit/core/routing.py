@@ -48,7 +48,7 @@ from adapterkit.core import io
 from adapterkit.core import state as st
 from adapterkit.core.arch import find_layers, model_type, spec_for
 from adapterkit.core.backbone import fingerprint, same_base
-from adapterkit.core.formats import CONFIG_FILE
+from adapterkit.core.entries import CONFIG_FILE
 from adapterkit.core.formats.detect import locate
 from adapterkit.errors import AdapterError, AdapterFileError, ArchitectureError, ConfigError
 from adapterkit.files import write_folder

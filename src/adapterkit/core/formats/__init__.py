@@ -10,56 +10,27 @@ A peer format is a module with:
 * ``read(folder)``: ``(adapter tensors, head tensors)`` with the peer's wrapper prefixes removed;
 * ``export(model, name, with_head)``: ``(json files, tensor files)`` for the folder.
 
-Both peers key tensors by module path; adapterkit keys by host module and parameter name. The
-key maps are built from the adapter as attached to the model, so every name and shape is
-checked against the model before anything is copied.
+What each method is in peft's terms is registered in the method's own file
+(:mod:`adapterkit.core.peft_spec`); the parameters are :func:`adapterkit.core.entries.entries`.
+Both peers key tensors by module path; adapterkit keys by host module and parameter name. The key
+maps are built from the adapter as attached to the model, so every name and shape is checked
+against the model before anything is copied.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pickle
-import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
 
-from adapterkit.core.backbone import base_prefix
-from adapterkit.core.state import SLOT, Slot
 from adapterkit.errors import AdapterFileError
 
-CONFIG_FILE = "adapter_config.json"
 FORMAT = "adapterkit"  # the "format" field of adapterkit's own adapter_config.json
-
-
-@dataclasses.dataclass
-class Entry:
-    """One adapter parameter: its adapterkit key, host path (both relative to the backbone)."""
-
-    key: str
-    host: str
-    module: nn.Module
-    local: str
-    param: torch.Tensor
-
-
-def entries(model: nn.Module, name: str) -> Iterator[Entry]:
-    """Every parameter of adapter ``name`` with the module that owns it."""
-    prefix = base_prefix(model)
-    for path, host in model.named_modules():
-        slot = host._modules.get(SLOT)
-        if not isinstance(slot, Slot) or name not in slot:
-            continue
-        host_path = path.removeprefix(prefix) if path != prefix[:-1] else ""
-        for local, param in slot[name].named_parameters():
-            key = f"{host_path}.{local}" if host_path else local
-            yield Entry(key, host_path, slot[name], local, param.detach())
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -121,12 +92,3 @@ def pick(raw: dict[str, torch.Tensor], key_map: dict[str, str], file: Path) -> d
     if extra:
         raise AdapterFileError(f"{file}: tensor {extra[0]} does not belong to this adapter on this model")
     return out
-
-
-def exact_regex(names: list[str]) -> str:
-    """A full-match regex for exactly these module names, under any task-model prefix."""
-    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
-
-
-def unsupported(file: str, option: str, value: Any, hint: str = "") -> AdapterFileError:
-    return AdapterFileError(f"{file}: {option}={value!r} is not supported by adapterkit{'; ' + hint if hint else ''}")

@@ -20,7 +20,8 @@ from torch import nn
 
 from adapterkit.core.arch import find_layers, model_type, spec_for
 from adapterkit.core.backbone import base_prefix, head_parameters
-from adapterkit.core.formats import CONFIG_FILE, entries, exact_regex, first_file, read_json, read_tensors, unsupported
+from adapterkit.core.entries import CONFIG_FILE, entries, exact_regex, unsupported
+from adapterkit.core.formats import first_file, read_json, read_tensors
 from adapterkit.core.methods import AdapterConfig, BottleneckConfig, IA3Config, LoRAConfig, PrefixConfig, PromptConfig
 from adapterkit.core.methods.bottleneck import INITS
 from adapterkit.core.methods.ia3 import IA3Input

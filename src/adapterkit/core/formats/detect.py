@@ -6,7 +6,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from adapterkit.core.formats import CONFIG_FILE, FORMAT, adapterhub, peft, read_json
+from adapterkit.core.entries import CONFIG_FILE
+from adapterkit.core.formats import FORMAT, adapterhub, peft, read_json
 from adapterkit.errors import AdapterFileError
 
 PEERS: dict[str, ModuleType] = {"peft": peft, "adapterhub": adapterhub}

@@ -14,6 +14,8 @@ from adapterkit.core.methods.e_adapter import EAdapterConfig
 from adapterkit.core.methods.ia3 import IA3Config
 from adapterkit.core.methods.image import ImageConfig
 from adapterkit.core.methods.l_adapter import LAdapterConfig
+from adapterkit.core.methods.loha import LoHaConfig
+from adapterkit.core.methods.lokr import LoKrConfig
 from adapterkit.core.methods.lora import LoRAConfig
 from adapterkit.core.methods.p_adapter import PAdapterConfig
 from adapterkit.core.methods.prefix import PrefixConfig
@@ -34,6 +36,8 @@ METHODS: dict[str, type[AdapterConfig]] = {
         LAdapterConfig,
         PAdapterConfig,
         ImageConfig,
+        LoHaConfig,
+        LoKrConfig,
     )
 }
 
@@ -51,6 +55,8 @@ PRESETS: dict[str, AdapterConfig] = {
     "par_bn": _PARALLEL,
     "lora": LoRAConfig(),
     "dora": LoRAConfig(use_dora=True),
+    "loha": LoHaConfig(),
+    "lokr": LoKrConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -104,6 +110,8 @@ __all__ = [
     "PAdapterConfig",
     "IA3Config",
     "ImageConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
     "PrefixConfig",
     "PromptConfig",

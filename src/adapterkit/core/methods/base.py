@@ -13,15 +13,20 @@ import dataclasses
 import functools
 import inspect
 import re
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, is_conv1d
 from adapterkit.core.composition import loop_kv_rows, loop_rows, take_rows
+from adapterkit.core.merge_rules import GENERIC
 from adapterkit.core.state import base_modules
 from adapterkit.errors import AdapterError, ConfigError
+
+if TYPE_CHECKING:
+    from adapterkit.core.peft_spec import PeftFormat
 
 
 class AdapterModule(nn.Module):
@@ -134,6 +139,11 @@ class AdapterConfig(abc.ABC):
     Change one with :meth:`replace` (``ak.PRESETS`` can be shared safely: nobody can alter them)."""
 
     method: ClassVar[str] = ""
+    peft: ClassVar[PeftFormat | None] = None  # how peft's folders hold it, where peft has the method
+    merge_methods: ClassVar[frozenset[str]] = GENERIC  # the merge rules it accepts (none: it cannot merge)
+    # (model, names, configs, weights, rule) -> (new config, its tensors), for a method that merges in its own
+    # way; None: every parameter merged by the rule (core.merging)
+    merge_adapters: ClassVar[Callable | None] = None
 
     def __post_init__(self) -> None:
         """Lists become tuples (a config is a value: hashable, never changed in place), then validate."""

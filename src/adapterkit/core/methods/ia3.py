@@ -21,7 +21,9 @@ from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, find_layers, out_in, spec_for
 from adapterkit.core.composition import first_input, stack_rows, with_first_input
+from adapterkit.core.entries import Entry, exact_regex
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
+from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, targets
 from adapterkit.errors import AdapterError
 
 
@@ -114,11 +116,32 @@ def _refuse_zeros(vector: torch.Tensor) -> None:
         raise AdapterError("an IA3 vector holds zeros: merging it could not be undone; keep it unmerged")
 
 
+def _from_peft(data: dict, model: nn.Module) -> IA3Config:
+    ff = data.get("feedforward_modules")
+    return IA3Config(target_modules=targets(data["target_modules"]), feedforward_modules=targets(ff) if ff else None)
+
+
+def _peft_fields(config: IA3Config, model: nn.Module, found: list[Entry]) -> dict:
+    ff = sorted({e.host for e in found if isinstance(e.module, IA3Input)})
+    return {
+        "target_modules": exact_regex(sorted({e.host for e in found})),
+        "feedforward_modules": exact_regex(ff) if ff else [],
+        "fan_in_fan_out": fan_in_fan_out(model, found),
+        "init_ia3_weights": True,
+    }
+
+
+def _peft_tensor(entry: Entry) -> torch.Tensor:
+    """peft keeps IA3 vectors as (1, in) for inputs and (out, 1) for outputs."""
+    return entry.param[None] if isinstance(entry.module, IA3Input) else entry.param[:, None]
+
+
 @dataclasses.dataclass(frozen=True)
 class IA3Config(AdapterConfig):
     """IA3 config. ``convention`` picks the table's targets; the module lists override them."""
 
     method = "ia3"
+    peft = PeftFormat("IA3", _from_peft, _peft_fields, tensor=_peft_tensor)
     convention: str = "peft"
     target_modules: tuple[str, ...] | str | None = None
     feedforward_modules: tuple[str, ...] | str | None = None

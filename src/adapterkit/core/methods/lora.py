@@ -14,9 +14,9 @@ from the rescaling). Merged: ``W' = (m / n) * (W + s B A)``.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,11 @@ from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
 from adapterkit.core.composition import stack_rows
+from adapterkit.core.entries import Entry, entries
+from adapterkit.core.merge_rules import GENERIC, MergeRule
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
+from adapterkit.core.methods.delta import WeightDelta
+from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, refuse_gating, targets
 from adapterkit.core.quantize import dense_weight
 from adapterkit.errors import AdapterError, ConfigError
 
@@ -33,23 +37,7 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d))
 
 
-class _Additive(AdapterModule, metaclass=abc.ABCMeta):
-    """Merges as ``host.weight += delta_weight(host)``; unmerges by subtracting it."""
-
-    @abc.abstractmethod
-    def delta_weight(self, host: nn.Module) -> torch.Tensor:
-        """The update in the host's weight layout."""
-
-    @torch.no_grad()
-    def merge(self, host: nn.Module) -> None:
-        host.weight.add_(self.delta_weight(host).to(host.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self, host: nn.Module) -> None:
-        host.weight.sub_(self.delta_weight(host).to(host.weight.dtype))
-
-
-class LoRA(_Additive):
+class LoRA(WeightDelta):
     """Low-rank update of one linear host: ``(..., in) -> (..., out)`` added to its output."""
 
     blocks = AdapterModule.blocks | {"arrow"}
@@ -191,7 +179,7 @@ class DoRA(LoRA):
         self.merged_norm = None
 
 
-class LoRAEmbedding(_Additive):
+class LoRAEmbedding(WeightDelta):
     """LoRA on an ``nn.Embedding``: ``E[x] + s * (A^T[x]) B^T`` with A (r, num), B (dim, r)."""
 
     def __init__(self, host: nn.Embedding, config: LoRAConfig) -> None:
@@ -210,7 +198,7 @@ class LoRAEmbedding(_Additive):
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num, dim)
 
 
-class LoRAConv(_Additive):
+class LoRAConv(WeightDelta):
     """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv like the host's (to r channels), B 1x1."""
 
     def __init__(self, host: nn.Conv1d | nn.Conv2d, config: LoRAConfig) -> None:
@@ -244,6 +232,84 @@ def make_lora(host: nn.Module, config: LoRAConfig) -> AdapterModule:
     return LoRAEmbedding(host, config) if isinstance(host, nn.Embedding) else LoRAConv(host, config)
 
 
+def _from_peft(data: dict, model: nn.Module) -> LoRAConfig:
+    return LoRAConfig(
+        r=data["r"],
+        alpha=data["lora_alpha"],
+        dropout=data.get("lora_dropout", 0.0),
+        target_modules=targets(data["target_modules"]),
+        use_rslora=data.get("use_rslora", False),
+        use_dora=data.get("use_dora", False),
+    )
+
+
+def _peft_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> dict:
+    refuse_gating(config)
+    return {
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.target_modules or list(spec_for(model).lora_targets),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "fan_in_fan_out": fan_in_fan_out(model, found),
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def _merge_loras(
+    model: nn.Module, names: Sequence[str], configs: list[LoRAConfig], weights: list[float], rule: MergeRule
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """``svd``: the exact update ``sum_i w_i s_i B_i A_i`` of each layer, re-factored to rank ``rule.rank``; the
+    other rules act on ``A`` and ``B`` apart with weights ``sqrt(w_i s_i)`` (peft's ``add_weighted_adapter``).
+    The new adapter has scaling 1: its factors carry it."""
+    if any(c.use_dora for c in configs):
+        raise ConfigError("merging DoRA adapters is not supported (their magnitudes do not add)")
+    hosts = [_loras(model, n) for n in names]
+    if any(h.keys() != hosts[0].keys() for h in hosts):
+        raise ConfigError(f"LoRA adapters {list(names)} adapt different modules; they cannot be merged")
+    if rule.method == "svd":
+        rank = rule.rank or sum(c.r for c in configs)
+        tensors = {}
+        for path in hosts[0]:
+            delta = sum(w * h[path].delta().detach() for w, h in zip(weights, hosts, strict=True))
+            tensors[f"{path}.lora_B"], tensors[f"{path}.lora_A"] = _factor(delta, rank)
+    else:
+        rank, tensors = _merge_factors(hosts, configs, weights, rule)
+    return LoRAConfig(r=rank, alpha=rank, target_modules=configs[0].target_modules), tensors
+
+
+def _merge_factors(hosts: list[dict[str, LoRA]], configs: list[LoRAConfig], weights: list[float], rule: MergeRule):
+    if len({c.r for c in configs}) > 1:
+        raise ConfigError(f"{rule.method} merges LoRA factors of equal rank; ranks {[c.r for c in configs]}: use svd")
+    scaled = [math.sqrt(w * c.scaling) for w, c in zip(weights, configs, strict=True)]
+    generator, tensors = rule.generator(), {}
+    for path in hosts[0]:
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{path}.{part}"] = rule.apply([getattr(h[path], part).detach() for h in hosts], scaled, generator)
+    return configs[0].r, tensors
+
+
+def _loras(model: nn.Module, name: str) -> dict[str, LoRA]:
+    """Host path (relative to the backbone) -> the LoRA module of adapter ``name``."""
+    found = {}
+    for e in entries(model, name):
+        if not isinstance(e.module, LoRA) or e.local not in ("lora_A", "lora_B"):
+            raise ConfigError(f"adapter {name!r} has {e.key}; LoRA merging handles Linear/Conv1D LoRA factors")
+        found[e.host] = e.module
+    return found
+
+
+def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``delta`` (out, in) ~= B A with B (out, rank), A (rank, in): the truncated SVD, exact if rank allows."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = min(rank, s.numel())
+    b, a = delta.new_zeros(delta.shape[0], rank), delta.new_zeros(rank, delta.shape[1])
+    b[:, :keep], a[:keep] = u[:, :keep] * s[:keep], vh[:keep]
+    return b, a
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
     """LoRA config, peft's field names. ``target_modules`` None = the architecture's default.
@@ -253,6 +319,14 @@ class LoRAConfig(AdapterConfig):
     """
 
     method = "lora"
+    peft = PeftFormat(
+        "LORA",
+        _from_peft,
+        _peft_fields,
+        keys={"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"},
+    )
+    merge_methods = GENERIC | {"svd"}
+    merge_adapters = staticmethod(_merge_loras)
     r: int = 8
     alpha: float = 8
     dropout: float = 0.0

@@ -32,7 +32,9 @@ from adapterkit.core import state as st
 from adapterkit.core.arch import ArchSpec, find_layers, spec_for
 from adapterkit.core.backbone import base_prefix
 from adapterkit.core.composition import first_input, gather_rows
+from adapterkit.core.entries import Entry, unsupported
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
+from adapterkit.core.peft_spec import PEFT, PeftFormat, prompt_fields, refuse_gating
 from adapterkit.core.state import SLOT, Relay
 from adapterkit.errors import ConfigError
 
@@ -254,11 +256,40 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int]:
     return config.hidden_size, kv_heads, head_dim
 
 
+def _from_peft(data: dict, model: nn.Module) -> PrefixConfig:
+    return PrefixConfig(prefix_length=data["num_virtual_tokens"], flat=True, shift_positions=True)
+
+
+def _peft_fields(config: PrefixConfig, model: nn.Module, found: list[Entry]) -> dict:
+    refuse_gating(config)
+    if not config.shift_positions:
+        raise unsupported(
+            PEFT,
+            "PrefixConfig.shift_positions",
+            False,
+            "peft moves real tokens to positions P..P+T-1; train with shift_positions=True to export to peft",
+        )
+    return {"encoder_hidden_size": model.config.hidden_size, **prompt_fields(model, config.prefix_length)}
+
+
+def _peft_tensor(entry: Entry) -> torch.Tensor:
+    """peft stores the prefix MLP's output, ``(P, L * 2 * kv)``, and passes it as past keys and values."""
+    return entry.module.generator.full()
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig(AdapterConfig):
     """Prefix tuning config; AdapterHub's ``PrefixTuningConfig`` names and defaults."""
 
     method = "prefix"
+    peft = PeftFormat(
+        "PREFIX_TUNING",
+        _from_peft,
+        _peft_fields,
+        shared={"generator": "prompt_embeddings"},
+        tensor=_peft_tensor,
+        task_type="FEATURE_EXTRACTION",
+    )
     prefix_length: int = 30
     bottleneck_size: int = 512
     flat: bool = False

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, spec_for
+from adapterkit.core.arch import ArchSpec, model_type, spec_for
 from adapterkit.core.backbone import base_prefix
 from adapterkit.core.composition import gather_rows, hidden, with_hidden
+from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
+from adapterkit.core.peft_spec import PeftFormat, prompt_fields
 from adapterkit.core.state import Relay
 from adapterkit.errors import ConfigError
 
@@ -198,11 +200,41 @@ class PromptStrip(_PromptPart):
         return out
 
 
+def _peft_placement(model: nn.Module) -> None:
+    """peft puts prompts before the position embeddings, adapterkit after them on encoders (AdapterHub's
+    placement): the two agree on decoders only."""
+    if not spec_for(model).prompt_before_positions:
+        raise unsupported(
+            CONFIG_FILE,
+            "peft_type",
+            "PROMPT_TUNING",
+            f"on an encoder ({model_type(model)}) peft puts prompts before the position embeddings, adapterkit "
+            "after them (AdapterHub's placement); peft prompt files load into decoders (GPT-2, Llama)",
+        )
+
+
+def _from_peft(data: dict, model: nn.Module) -> PromptConfig:
+    _peft_placement(model)
+    return PromptConfig(prompt_length=data["num_virtual_tokens"])
+
+
+def _peft_fields(config: PromptConfig, model: nn.Module, found: list[Entry]) -> dict:
+    _peft_placement(model)
+    return {"prompt_tuning_init": "RANDOM", **prompt_fields(model, config.prompt_length)}
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptConfig(AdapterConfig):
     """Prompt tuning config (AdapterHub's ``prompt_length`` default of 10)."""
 
     method = "prompt"
+    peft = PeftFormat(
+        "PROMPT_TUNING",
+        _from_peft,
+        _peft_fields,
+        shared={"prompt_embedding": "prompt_embeddings"},
+        task_type="FEATURE_EXTRACTION",
+    )
     prompt_length: int = 10
     init: str = "random"
     init_token_ids: tuple[int, ...] | None = None

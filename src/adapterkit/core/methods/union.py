@@ -22,6 +22,7 @@ class UnionConfig(AdapterConfig):
     """Several method configs trained, saved and activated as one adapter."""
 
     method = "union"
+    merge_methods = frozenset()  # its parts' tensors are of several methods: merge the parts' adapters instead
     configs: tuple[AdapterConfig, ...] = ()
 
     def validate(self) -> None:
