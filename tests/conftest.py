@@ -172,7 +172,7 @@ def randomize_adapters(model, std: float = 0.1, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".adapterkit." in name:
+            if ".adapterkit." in name and ".fixed." not in name:  # fixed ones (VeRA's projections) never train
                 # LoHa's update multiplies four factors: at std 0.1 it would barely move the output
                 value = torch.randn(p.shape, generator=g) * (3 * std if ".hada_w" in name else std)
                 p.copy_(value.abs() + std if name.endswith("bias") else value)

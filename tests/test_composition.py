@@ -58,7 +58,7 @@ def test_per_row_gives_every_adapter_parameter_a_gradient(arch, preset):
     ak.set_active(model, ak.PerRow(ROWS))
     first_output(model(**x)).pow(2).sum().backward()
     for name, p in model.named_parameters():
-        if ".adapterkit." in name:
+        if ".adapterkit." in name and ".fixed." not in name:  # fixed: saved, never trained (VeRA's projections)
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -124,7 +124,7 @@ def test_per_row_lora_of_different_ranks_and_gradients():
     model.zero_grad()
     first_output(model(**x)).pow(2).sum().backward()  # a plain sum after LayerNorm has a zero gradient
     for name, p in model.named_parameters():
-        if ".adapterkit." in name:
+        if ".adapterkit." in name and ".fixed." not in name:  # fixed: saved, never trained (VeRA's projections)
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 

@@ -5,6 +5,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.core.backbone import base_prefix
+from adapterkit.core.state import is_trainable_param
 
 from conftest import ARCHS, SPEECH_ARCHS, first_output, make_inputs, make_model, randomize_adapters
 
@@ -29,6 +30,7 @@ PRESETS = [
     "elp",
     "loha",
     "lokr",
+    "vera",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}
@@ -55,7 +57,7 @@ def test_every_adapter_parameter_gets_a_gradient(arch, preset):
     out = model(**make_inputs(arch), output_hidden_states=True)
     # every position of the last layer counts (a [CLS] head alone reads one position)
     (first_output(out).float().pow(2).mean() + out.hidden_states[-1].pow(2).mean()).backward()
-    adapter = {n: p for n, p in model.named_parameters() if ".adapterkit.a." in n}
+    adapter = {n: p for n, p in model.named_parameters() if is_trainable_param(n, "a")}
     assert adapter, "no adapter parameters"
     for name, p in adapter.items():
         assert p.requires_grad, name

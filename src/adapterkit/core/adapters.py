@@ -205,7 +205,7 @@ def train_adapter(model: nn.Module, name: str | co.Stack, train_head: bool = Tru
         raise AdapterError(f"adapter {name!r} is merged; unmerge_adapter(model, {name!r}) before training it")
     head = set(head_parameters(model)) if train_head else set()
     for param_name, p in model.named_parameters():
-        p.requires_grad_(st.is_adapter_param(param_name, name) or param_name in head)
+        p.requires_grad_(st.is_trainable_param(param_name, name) or param_name in head)
     set_active(model, setup)
 
 

@@ -163,7 +163,7 @@ def train_fusion(model: nn.Module, setup: Fuse | Block | Sequence[str], train_he
         raise ConfigError(f"{setup!r} holds no Fuse block; train adapters with ak.train_adapter")
     head = set(head_parameters(model)) if train_head else set()
     for param_name, p in model.named_parameters():
-        p.requires_grad_(any(st.is_adapter_param(param_name, n) for n in names) or param_name in head)
+        p.requires_grad_(any(st.is_trainable_param(param_name, n) for n in names) or param_name in head)
     adapters.set_active(model, setup)
 
 

@@ -19,6 +19,7 @@ from adapterkit.core.backbone import base_prefix
 from adapterkit.core.entries import CONFIG_FILE, Entry, exact_regex, unsupported
 
 PEFT = "peft"
+WRAPPER = "base_model.model."  # peft's keys of the wrapped model's modules start so
 
 
 def same_tensor(entry: Entry) -> torch.Tensor:
@@ -36,6 +37,8 @@ class PeftFormat:
         keys: adapterkit's parameter name in a module -> peft's (``lora_A`` -> ``lora_A.weight``).
         shared: parameter names (or their first part) that peft keys without a module path, and its key
             (one tensor for the whole model: a prompt).
+        outside: parameter names that peft keys outside the wrapped model, and the whole key (VeRA's
+            shared projections, ``base_model.vera_A``).
         tensor: an adapterkit parameter in peft's layout (the default: as it is).
         task_type: ``task_type`` for a model without a head peft knows (prompt methods need one).
     """
@@ -45,15 +48,26 @@ class PeftFormat:
     fields: Callable[[Any, nn.Module, list[Entry]], dict[str, Any]]
     keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
     shared: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    outside: Mapping[str, str] = dataclasses.field(default_factory=dict)
     tensor: Callable[[Entry], torch.Tensor] = same_tensor
     task_type: str | None = None
 
     def key(self, entry: Entry) -> str:
-        """peft's key of one parameter, relative to the backbone."""
+        """peft's key of one parameter as :mod:`.formats.peft` reads files: relative to the backbone, or
+        whole for one outside the wrapped model."""
         head = entry.local.split(".")[0]
+        if entry.local in self.outside:
+            return self.outside[entry.local]
         if head in self.shared:
             return self.shared[head]
         return f"{entry.host}.{self.keys.get(entry.local, entry.local)}"
+
+    def file_key(self, entry: Entry, backbone: str) -> str:
+        """The parameter's key in peft's file (``backbone``: the task model's prefix of the backbone, ``bert.``)."""
+        key = self.key(entry)
+        if entry.local in self.outside:
+            return key
+        return WRAPPER + (key if entry.local.split(".")[0] in self.shared else backbone + key)
 
 
 def targets(value: list[str] | str) -> list[str] | str:

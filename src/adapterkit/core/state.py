@@ -387,6 +387,14 @@ def sync_all(model: nn.Module) -> None:
             slot.sync(host)
 
 
+FIXED = "fixed"  # an adapter module's submodule of parameters saved with it but never trained (VeRA's projections)
+
+
+def is_trainable_param(param_name: str, name: str) -> bool:
+    """True for parameters of adapter ``name`` that train: all but those under a ``fixed`` submodule."""
+    return is_adapter_param(param_name, name) and f".{FIXED}." not in param_name
+
+
 def is_adapter_param(param_name: str, name: str | None = None) -> bool:
     """True for parameters of adapter ``name`` (any adapter when ``name`` is None)."""
     if name is None:

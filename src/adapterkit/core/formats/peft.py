@@ -19,10 +19,9 @@ from adapterkit.core.backbone import base_prefix, head_parameters
 from adapterkit.core.entries import CONFIG_FILE, entries, unsupported
 from adapterkit.core.formats import first_file, read_tensors
 from adapterkit.core.methods import METHODS, AdapterConfig
-from adapterkit.core.peft_spec import PeftFormat
+from adapterkit.core.peft_spec import WRAPPER, PeftFormat
 
 NAME = "peft"
-WRAPPER = "base_model.model."
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FORMATS: dict[str, PeftFormat] = {cls.peft.peft_type: cls.peft for cls in METHODS.values() if cls.peft}
 # options that change what an adapter computes and that adapterkit does not reproduce
@@ -95,11 +94,7 @@ def export(model: nn.Module, name: str, config: AdapterConfig, with_head: bool) 
         "modules_to_save": sorted({k.split(".")[0] for k in head}) or None,
         **spec.fields(config, model, found),
     }
-    prefix = WRAPPER + base_prefix(model)
-    tensors = {}
-    for e in found:
-        key = spec.key(e)
-        tensors[(prefix if "." in key else WRAPPER) + key] = spec.tensor(e).detach()
+    tensors = {spec.file_key(e, base_prefix(model)): spec.tensor(e).detach() for e in found}
     tensors.update({WRAPPER + k: p.detach() for k, p in head.items()})
     return {CONFIG_FILE: data}, {WEIGHTS[0]: tensors}
 

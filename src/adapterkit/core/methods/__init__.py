@@ -21,6 +21,7 @@ from adapterkit.core.methods.p_adapter import PAdapterConfig
 from adapterkit.core.methods.prefix import PrefixConfig
 from adapterkit.core.methods.prompt import PromptConfig
 from adapterkit.core.methods.union import UnionConfig, union
+from adapterkit.core.methods.vera import VeRAConfig
 from adapterkit.errors import ConfigError
 
 METHODS: dict[str, type[AdapterConfig]] = {
@@ -38,6 +39,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         ImageConfig,
         LoHaConfig,
         LoKrConfig,
+        VeRAConfig,
     )
 }
 
@@ -57,6 +59,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "dora": LoRAConfig(use_dora=True),
     "loha": LoHaConfig(),
     "lokr": LoKrConfig(),
+    "vera": VeRAConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -116,6 +119,7 @@ __all__ = [
     "PrefixConfig",
     "PromptConfig",
     "UnionConfig",
+    "VeRAConfig",
     "union",
     "PRESETS",
     "METHODS",
