@@ -31,6 +31,7 @@ PRESETS = [
     "loha",
     "lokr",
     "vera",
+    "ln_tuning",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}

@@ -14,6 +14,7 @@ from adapterkit.core.methods.e_adapter import EAdapterConfig
 from adapterkit.core.methods.ia3 import IA3Config
 from adapterkit.core.methods.image import ImageConfig
 from adapterkit.core.methods.l_adapter import LAdapterConfig
+from adapterkit.core.methods.ln_tuning import LNTuningConfig
 from adapterkit.core.methods.loha import LoHaConfig
 from adapterkit.core.methods.lokr import LoKrConfig
 from adapterkit.core.methods.lora import LoRAConfig
@@ -40,6 +41,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         LoHaConfig,
         LoKrConfig,
         VeRAConfig,
+        LNTuningConfig,
     )
 }
 
@@ -60,6 +62,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "loha": LoHaConfig(),
     "lokr": LoKrConfig(),
     "vera": VeRAConfig(),
+    "ln_tuning": LNTuningConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -113,6 +116,7 @@ __all__ = [
     "PAdapterConfig",
     "IA3Config",
     "ImageConfig",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoRAConfig",
