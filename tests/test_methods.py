@@ -32,6 +32,7 @@ PRESETS = [
     "lokr",
     "vera",
     "ln_tuning",
+    "fourierft",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}

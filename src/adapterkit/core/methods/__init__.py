@@ -11,6 +11,7 @@ from typing import Any
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule
 from adapterkit.core.methods.bottleneck import BottleneckConfig
 from adapterkit.core.methods.e_adapter import EAdapterConfig
+from adapterkit.core.methods.fourierft import FourierFTConfig
 from adapterkit.core.methods.ia3 import IA3Config
 from adapterkit.core.methods.image import ImageConfig
 from adapterkit.core.methods.l_adapter import LAdapterConfig
@@ -42,6 +43,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         LoKrConfig,
         VeRAConfig,
         LNTuningConfig,
+        FourierFTConfig,
     )
 }
 
@@ -63,6 +65,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "lokr": LoKrConfig(),
     "vera": VeRAConfig(),
     "ln_tuning": LNTuningConfig(),
+    "fourierft": FourierFTConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -114,6 +117,7 @@ __all__ = [
     "EAdapterConfig",
     "LAdapterConfig",
     "PAdapterConfig",
+    "FourierFTConfig",
     "IA3Config",
     "ImageConfig",
     "LNTuningConfig",
