@@ -33,6 +33,8 @@ PRESETS = [
     "vera",
     "ln_tuning",
     "fourierft",
+    "pissa",
+    "olora",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}

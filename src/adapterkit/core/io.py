@@ -143,7 +143,10 @@ def _load_peer(model, folder: Path, data: dict, peer: ModuleType, name: str | No
     name = name or peer_name
 
     def fill() -> dict[str, torch.Tensor]:  # the key map needs the adapter attached
-        return pick(tensors, peer.key_map(model, name, peer_name), file)
+        picked = pick(tensors, peer.key_map(model, name, peer_name), file)
+        # fixed tensors the peer derives rather than stores (PiSSA's start) keep the values the build gave them
+        own = adapter_state_dict(model, name)
+        return {**{k: v for k, v in own.items() if k not in picked and f".{st.FIXED}." in f".{k}"}, **picked}
 
     return _install(model, name, config, file, head_tensors, activate, fill)
 

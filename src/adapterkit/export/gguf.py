@@ -220,6 +220,11 @@ def lora_pairs(
     pairs = []
     for host, module in st.adapter_modules(model, name):
         path = hosts[id(host)]
+        if module.residual if type(module) is LoRA else False:
+            raise AdapterError(
+                f"adapter {name!r} is a PiSSA / OLoRA LoRA: its update B A - B0 A0 has rank 2r, which llama.cpp's "
+                "one alpha per file cannot scale; --merged writes the model with it merged"
+            )
         if type(module) is not LoRA or not isinstance(host, nn.Linear) or path == "lm_head":
             raise AdapterError(
                 f"adapter {name!r} has a LoRA on {path} ({type(host).__name__}): llama.cpp adapters cover the "

@@ -16,9 +16,10 @@ from torch import nn
 
 from adapterkit.core import adapters
 from adapterkit.core.backbone import base_prefix, head_parameters
-from adapterkit.core.entries import CONFIG_FILE, entries, unsupported
+from adapterkit.core.entries import CONFIG_FILE, Entry, entries, unsupported
 from adapterkit.core.formats import first_file, read_tensors
 from adapterkit.core.methods import METHODS, AdapterConfig
+from adapterkit.core.state import FIXED
 from adapterkit.core.peft_spec import WRAPPER, PeftFormat
 
 NAME = "peft"
@@ -67,9 +68,14 @@ def _format(config: AdapterConfig) -> PeftFormat:
     return type(config).peft
 
 
+def _saved(spec: PeftFormat, found: list[Entry]) -> list[Entry]:
+    """The entries peft's file holds: all but the fixed ones peft derives from the base (PiSSA's start)."""
+    return [e for e in found if not e.local.startswith(f"{FIXED}.") or e.local in spec.outside]
+
+
 def key_map(model: nn.Module, name: str, peer_name: str) -> dict[str, str]:
     spec = _format(adapters.known(model, name).configs[name])
-    return {e.key: spec.key(e) for e in entries(model, name)}
+    return {e.key: spec.key(e) for e in _saved(spec, list(entries(model, name)))}
 
 
 def read(folder: Path, data: dict[str, Any], with_head: bool) -> tuple[dict, dict, Path]:
@@ -94,7 +100,7 @@ def export(model: nn.Module, name: str, config: AdapterConfig, with_head: bool) 
         "modules_to_save": sorted({k.split(".")[0] for k in head}) or None,
         **spec.fields(config, model, found),
     }
-    tensors = {spec.file_key(e, base_prefix(model)): spec.tensor(e).detach() for e in found}
+    tensors = {spec.file_key(e, base_prefix(model)): spec.tensor(e).detach() for e in _saved(spec, found)}
     tensors.update({WRAPPER + k: p.detach() for k, p in head.items()})
     return {CONFIG_FILE: data}, {WEIGHTS[0]: tensors}
 

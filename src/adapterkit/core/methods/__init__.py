@@ -61,6 +61,8 @@ PRESETS: dict[str, AdapterConfig] = {
     "par_bn": _PARALLEL,
     "lora": LoRAConfig(),
     "dora": LoRAConfig(use_dora=True),
+    "pissa": LoRAConfig(init_weights="pissa"),
+    "olora": LoRAConfig(init_weights="olora"),
     "loha": LoHaConfig(),
     "lokr": LoKrConfig(),
     "vera": VeRAConfig(),

@@ -24,17 +24,21 @@ from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
 from adapterkit.core.composition import stack_rows
-from adapterkit.core.entries import Entry, entries
+from adapterkit.core.entries import CONFIG_FILE, Entry, entries, unsupported
 from adapterkit.core.merge_rules import GENERIC, MergeRule
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 from adapterkit.core.methods.delta import WeightDelta
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, refuse_gating, targets
 from adapterkit.core.quantize import dense_weight
+from adapterkit.core.state import FIXED
 from adapterkit.errors import AdapterError, ConfigError
 
 
 def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d))
+
+
+RESIDUAL = ("pissa", "olora")  # inits that start from the host's weight (and take that start off the update)
 
 
 class LoRA(WeightDelta):
@@ -52,21 +56,52 @@ class LoRA(WeightDelta):
         self.scaling = config.scaling
         if config.init_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / config.r)
+        elif config.init_weights in RESIDUAL:
+            self.start_from_weight(host, config)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = nn.Linear(fan_in, 1, dtype=dtype, device=device) if config.use_gating else None
-        if self.gate is not None:  # a gate is part of the update: Arrow mixes plain updates
+        if self.gate is not None or self.residual:  # Arrow mixes plain updates: a gate or a start is part of one
             self.blocks = AdapterModule.blocks
+
+    @torch.no_grad()
+    def start_from_weight(self, host: nn.Module, config: LoRAConfig) -> None:
+        """PiSSA / OLoRA: ``B A`` starts as the host weight's principal part (SVD) or its first ``r`` QR
+        columns, and that start ``s B0 A0`` is taken off the update (kept, frozen, under ``fixed``): the model
+        is unchanged at init and the base weights are never touched, as peft's residual base computes."""
+        weight, r = out_in(host, dense_weight(host)).float(), config.r
+        if config.init_weights == "pissa":
+            v, sigma, uh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.diag(torch.sqrt(sigma[:r] / config.scaling))
+            a, b = root @ uh[:r], v[:, :r] @ root
+        else:
+            q, rr = torch.linalg.qr(weight)
+            a, b = rr[:r], q[:, :r]
+        self.lora_A.copy_(a), self.lora_B.copy_(b)
+        start = {"lora_A0": self.lora_A.detach().clone(), "lora_B0": self.lora_B.detach().clone()}
+        setattr(self, FIXED, nn.ParameterDict(start).requires_grad_(False))
+
+    @property
+    def residual(self) -> bool:
+        return FIXED in self._modules
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
         """``B A x``, unscaled: ``(..., in) -> (..., out)``."""
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """``B0 A0 x``, the update PiSSA / OLoRA start from (zero for other inits)."""
+        fixed = getattr(self, FIXED)
+        return F.linear(F.linear(x, fixed["lora_A0"]), fixed["lora_B0"])
+
     def adapt(self, host, x, out):
-        x = self.dropout(x.to(self.lora_A.dtype))
-        delta = self.lora(x) * self.scaling
+        x = x.to(self.lora_A.dtype)
+        dropped = self.dropout(x)
+        delta = self.lora(dropped) * self.scaling
         if self.gate is not None:  # UniPELT: a per-example gate, sigmoid averaged over the sequence
-            delta = delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+            delta = delta * torch.sigmoid(self.gate(dropped)).mean(dim=-2, keepdim=True)
+        if self.residual:  # the residual base W - s B0 A0 sees the input without dropout, as in peft
+            delta = delta - self.start(x) * self.scaling
         return out + delta.to(out.dtype)
 
     def row_key(self):
@@ -75,10 +110,12 @@ class LoRA(WeightDelta):
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         # the rank too: zero-padding to another adapter's rank would change the reduction order of a row's
         # update, so its result would depend on which adapters share the batch (the serving engine's invariance)
-        return (LoRA, *self.lora_A.shape, *self.lora_B.shape[:1], self.lora_A.dtype, p)
+        return (LoRA, *self.lora_A.shape, *self.lora_B.shape[:1], self.lora_A.dtype, p, self.residual)
 
     def _batchable(self) -> bool:
-        return type(self) is LoRA and self.gate is None
+        # a residual LoRA's start sees the undropped input, so one batched product holds only without dropout
+        plain = not (self.residual and isinstance(self.dropout, nn.Dropout))
+        return type(self) is LoRA and self.gate is None and plain
 
     @staticmethod
     def row_tables(modules: list[LoRA]) -> list[torch.Tensor] | None:
@@ -89,8 +126,8 @@ class LoRA(WeightDelta):
         # s B per adapter is the same product (bit for bit) as each adapter's own s * B, made once per table
         # rather than as a scaled copy of every B at every call
         scale = stack_rows([m.scaling for m in modules], device=modules[0].lora_B.device)
-        b = stack_rows([m.lora_B for m in modules]) * scale.to(modules[0].lora_B.dtype)[:, None, None]
-        return [stack_rows([m.lora_A for m in modules]), b]  # (n + 1, rank, in), (n + 1, out, rank)
+        b = stack_rows([m.factors()[1] for m in modules]) * scale.to(modules[0].lora_B.dtype)[:, None, None]
+        return [stack_rows([m.factors()[0] for m in modules]), b]  # (n + 1, rank, in), (n + 1, out, rank)
 
     @staticmethod
     def adapt_tables(host, x, out, rows, modules: list[LoRA]):
@@ -100,9 +137,17 @@ class LoRA(WeightDelta):
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
         return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the whole update: a residual LoRA's ``[A; A0]`` and ``[B, -B0]`` (rank 2r)."""
+        if not self.residual:
+            return self.lora_A, self.lora_B
+        fixed = getattr(self, FIXED)
+        return torch.cat([self.lora_A, fixed["lora_A0"]]), torch.cat([self.lora_B, -fixed["lora_B0"]], dim=1)
+
     def delta(self) -> torch.Tensor:
-        """``s B A``, shape (out, in)."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        """``s B A`` (a residual LoRA's ``s (B A - B0 A0)``), shape (out, in)."""
+        a, b = self.factors()
+        return (b @ a) * self.scaling
 
     @torch.no_grad()
     def prototype(self) -> torch.Tensor:
@@ -232,8 +277,19 @@ def make_lora(host: nn.Module, config: LoRAConfig) -> AdapterModule:
     return LoRAEmbedding(host, config) if isinstance(host, nn.Embedding) else LoRAConv(host, config)
 
 
+# peft's inits that leave the base weights as they are (the file's A and B replace the values); PiSSA and OLoRA
+# change them, which adapterkit reproduces; the others (pissa_niter_*, loftq, corda, lora_ga) it does not
+_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "eva": "kaiming", "orthogonal": "kaiming"}
+
+
 def _from_peft(data: dict, model: nn.Module) -> LoRAConfig:
+    init = data.get("init_lora_weights", True)
+    if init not in (*_INITS, *RESIDUAL):
+        raise unsupported(
+            CONFIG_FILE, "init_lora_weights", init, "it changes the base weights in a way adapterkit does not reproduce"
+        )
     return LoRAConfig(
+        init_weights=init if init in RESIDUAL else _INITS[init],
         r=data["r"],
         alpha=data["lora_alpha"],
         dropout=data.get("lora_dropout", 0.0),
@@ -254,7 +310,7 @@ def _peft_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> di
         "use_dora": config.use_dora,
         "fan_in_fan_out": fan_in_fan_out(model, found),
         "bias": "none",
-        "init_lora_weights": True,
+        "init_lora_weights": config.init_weights if config.init_weights in RESIDUAL else True,
     }
 
 
@@ -283,6 +339,8 @@ def _merge_loras(
 def _merge_factors(hosts: list[dict[str, LoRA]], configs: list[LoRAConfig], weights: list[float], rule: MergeRule):
     if len({c.r for c in configs}) > 1:
         raise ConfigError(f"{rule.method} merges LoRA factors of equal rank; ranks {[c.r for c in configs]}: use svd")
+    if any(m.residual for h in hosts for m in h.values()):
+        raise ConfigError(f"{rule.method} merges LoRA factors; PiSSA / OLoRA updates (B A - B0 A0) merge with svd")
     scaled = [math.sqrt(w * c.scaling) for w, c in zip(weights, configs, strict=True)]
     generator, tensors = rule.generator(), {}
     for path in hosts[0]:
@@ -291,11 +349,19 @@ def _merge_factors(hosts: list[dict[str, LoRA]], configs: list[LoRAConfig], weig
     return configs[0].r, tensors
 
 
+_FACTORS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
+
+
 def _loras(model: nn.Module, name: str) -> dict[str, LoRA]:
     """Host path (relative to the backbone) -> the LoRA module of adapter ``name``."""
     found = {}
     for e in entries(model, name):
-        if not isinstance(e.module, LoRA) or e.local not in ("lora_A", "lora_B"):
+        if not isinstance(e.module, LoRA) or e.local not in (
+            "lora_A",
+            "lora_B",
+            f"{FIXED}.lora_A0",
+            f"{FIXED}.lora_B0",
+        ):
             raise ConfigError(f"adapter {name!r} has {e.key}; LoRA merging handles Linear/Conv1D LoRA factors")
         found[e.host] = e.module
     return found
@@ -344,7 +410,8 @@ class LoRAConfig(AdapterConfig):
     def validate(self) -> None:
         check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        check(self.init_weights in ("kaiming", "gaussian"), f"unknown init_weights {self.init_weights!r}")
+        check(self.init_weights in ("kaiming", "gaussian", *RESIDUAL), f"unknown init_weights {self.init_weights!r}")
+        check(not (self.use_dora and self.init_weights in RESIDUAL), "PiSSA / OLoRA inits do not combine with DoRA")
         check(not (self.use_gating and self.use_dora), "use_gating and use_dora cannot be combined")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
