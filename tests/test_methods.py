@@ -35,6 +35,7 @@ PRESETS = [
     "fourierft",
     "pissa",
     "olora",
+    "oft",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}

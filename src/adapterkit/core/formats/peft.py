@@ -19,8 +19,8 @@ from adapterkit.core.backbone import base_prefix, head_parameters
 from adapterkit.core.entries import CONFIG_FILE, Entry, entries, unsupported
 from adapterkit.core.formats import first_file, read_tensors
 from adapterkit.core.methods import METHODS, AdapterConfig
-from adapterkit.core.state import FIXED
 from adapterkit.core.peft_spec import WRAPPER, PeftFormat
+from adapterkit.core.state import FIXED
 
 NAME = "peft"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -19,6 +19,7 @@ from adapterkit.core.methods.ln_tuning import LNTuningConfig
 from adapterkit.core.methods.loha import LoHaConfig
 from adapterkit.core.methods.lokr import LoKrConfig
 from adapterkit.core.methods.lora import LoRAConfig
+from adapterkit.core.methods.oft import OFTConfig
 from adapterkit.core.methods.p_adapter import PAdapterConfig
 from adapterkit.core.methods.prefix import PrefixConfig
 from adapterkit.core.methods.prompt import PromptConfig
@@ -44,6 +45,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         VeRAConfig,
         LNTuningConfig,
         FourierFTConfig,
+        OFTConfig,
     )
 }
 
@@ -68,6 +70,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "vera": VeRAConfig(),
     "ln_tuning": LNTuningConfig(),
     "fourierft": FourierFTConfig(),
+    "oft": OFTConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -118,6 +121,7 @@ __all__ = [
     "BottleneckConfig",
     "EAdapterConfig",
     "LAdapterConfig",
+    "OFTConfig",
     "PAdapterConfig",
     "FourierFTConfig",
     "IA3Config",
