@@ -36,6 +36,7 @@ PRESETS = [
     "pissa",
     "olora",
     "oft",
+    "boft",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}

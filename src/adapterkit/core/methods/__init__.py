@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule
+from adapterkit.core.methods.boft import BOFTConfig
 from adapterkit.core.methods.bottleneck import BottleneckConfig
 from adapterkit.core.methods.e_adapter import EAdapterConfig
 from adapterkit.core.methods.fourierft import FourierFTConfig
@@ -46,6 +47,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         LNTuningConfig,
         FourierFTConfig,
         OFTConfig,
+        BOFTConfig,
     )
 }
 
@@ -71,6 +73,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "ln_tuning": LNTuningConfig(),
     "fourierft": FourierFTConfig(),
     "oft": OFTConfig(),
+    "boft": BOFTConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -118,6 +121,7 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 __all__ = [
     "AdapterConfig",
     "AdapterModule",
+    "BOFTConfig",
     "BottleneckConfig",
     "EAdapterConfig",
     "LAdapterConfig",
