@@ -39,9 +39,10 @@ WRITABLE = [
     ("gpt2", "pfeiffer", {}, "adapterhub"),
     ("gpt2", "houlsby", {}, "adapterhub"),
 ]
-# every other method peft has, as the method table (test_methods.PRESETS) adds it, on BERT
+# every other method peft has, as the method table (test_methods.PRESETS) adds it, on BERT (prompts: peft's
+# prompts go before the position embeddings, so on a decoder)
 WRITABLE += [
-    ("bert", preset, {}, "peft")
+    ("gpt2-lm" if isinstance(ak.PRESETS[preset], ak.PromptConfig) else "bert", preset, {}, "peft")
     for preset in TABLE
     if type(ak.PRESETS[preset]).peft and preset not in {row[1] for row in WRITABLE if row[3] == "peft"}
 ]

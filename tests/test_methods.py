@@ -37,9 +37,12 @@ PRESETS = [
     "olora",
     "oft",
     "boft",
+    "p_tuning",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
-REFUSED = {(arch, "prompt"): "prompt tuning prepends vectors to a token sequence" for arch in SPEECH_ARCHS}
+REFUSED = {
+    (a, p): "prompt tuning prepends vectors to a token sequence" for a in SPEECH_ARCHS for p in ("prompt", "p_tuning")
+}
 REFUSED |= {
     (arch, preset): "no variable-length convolutional features"
     for arch in ARCHS

@@ -22,6 +22,7 @@ from adapterkit.core.methods.lokr import LoKrConfig
 from adapterkit.core.methods.lora import LoRAConfig
 from adapterkit.core.methods.oft import OFTConfig
 from adapterkit.core.methods.p_adapter import PAdapterConfig
+from adapterkit.core.methods.p_tuning import PTuningConfig
 from adapterkit.core.methods.prefix import PrefixConfig
 from adapterkit.core.methods.prompt import PromptConfig
 from adapterkit.core.methods.union import UnionConfig, union
@@ -48,6 +49,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         FourierFTConfig,
         OFTConfig,
         BOFTConfig,
+        PTuningConfig,
     )
 }
 
@@ -74,6 +76,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "fourierft": FourierFTConfig(),
     "oft": OFTConfig(),
     "boft": BOFTConfig(),
+    "p_tuning": PTuningConfig(),
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -127,6 +130,7 @@ __all__ = [
     "LAdapterConfig",
     "OFTConfig",
     "PAdapterConfig",
+    "PTuningConfig",
     "FourierFTConfig",
     "IA3Config",
     "ImageConfig",

@@ -155,10 +155,14 @@ class PromptInsert(_PromptPart):
         self.prompt_embedding = prompt
         self.flag = flag
 
+    def vectors(self) -> torch.Tensor:
+        """The ``(P, H)`` vectors inserted: the prompt itself (P-tuning: its encoder's output)."""
+        return self.prompt_embedding
+
     def adapt(self, host, x, out):
         if not self.flag.get(True):
             return out
-        prompt = self.prompt_embedding.to(out.dtype).expand(out.shape[0], -1, -1)
+        prompt = self.vectors().to(out.dtype).expand(out.shape[0], -1, -1)
         return torch.cat([prompt, out], dim=1)
 
     @staticmethod
@@ -166,9 +170,8 @@ class PromptInsert(_PromptPart):
         if not modules[0].flag.get(True):
             return out
         length, _ = _lengths(modules, index)
-        prompts = gather_rows(
-            [F.pad(m.prompt_embedding, (0, 0, length - m.prompt_embedding.shape[0], 0)) for m in modules], index
-        )
+        vectors = [m.vectors() for m in modules]
+        prompts = gather_rows([F.pad(v, (0, 0, length - v.shape[0], 0)) for v in vectors], index)
         return torch.cat([prompts.to(out.dtype), out], dim=1)  # (B, P + T, H), prompts right-aligned
 
 
@@ -200,7 +203,7 @@ class PromptStrip(_PromptPart):
         return out
 
 
-def _peft_placement(model: nn.Module) -> None:
+def peft_placement(model: nn.Module) -> None:
     """peft puts prompts before the position embeddings, adapterkit after them on encoders (AdapterHub's
     placement): the two agree on decoders only."""
     if not spec_for(model).prompt_before_positions:
@@ -214,12 +217,12 @@ def _peft_placement(model: nn.Module) -> None:
 
 
 def _from_peft(data: dict, model: nn.Module) -> PromptConfig:
-    _peft_placement(model)
+    peft_placement(model)
     return PromptConfig(prompt_length=data["num_virtual_tokens"])
 
 
 def _peft_fields(config: PromptConfig, model: nn.Module, found: list[Entry]) -> dict:
-    _peft_placement(model)
+    peft_placement(model)
     return {"prompt_tuning_init": "RANDOM", **prompt_fields(model, config.prompt_length)}
 
 
@@ -269,9 +272,13 @@ class PromptConfig(AdapterConfig):
         patches = _patch_count(model, after)
         return [
             (backbone, PromptCall(prompt, flag, spec.prompt_before_positions, patches)),
-            (prefix + spec.prompt_after, PromptInsert(prompt, flag)),
+            (prefix + spec.prompt_after, self.insert(prompt, flag)),
             (prefix + spec.prompt_strip, PromptStrip(prompt, flag)),
         ]
+
+    def insert(self, prompt: nn.Parameter, flag: Relay) -> PromptInsert:
+        """The module that puts the prompt's vectors in front of the token embeddings."""
+        return PromptInsert(prompt, flag)
 
     @torch.no_grad()
     def _init(self, model: nn.Module, after: nn.Module) -> torch.Tensor:
