@@ -26,6 +26,9 @@ WRITABLE = [
     ("gpt2", "ia3", {}, "peft"),
     ("gpt2-lm", "prefix", {"prefix_length": 3, "bottleneck_size": 8, "shift_positions": True}, "peft"),
     ("gpt2-lm", "prompt", {"prompt_length": 3}, "peft"),
+    # the targets listed out of the module's order: peft nests a module's first parameter deepest whatever the order
+    ("mixtral", "lora", {"target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]}, "peft"),
+    ("mixtral", "lora", {"target_modules": ["q_proj"], "target_parameters": ["experts.down_proj"]}, "peft"),
     ("bert", "pfeiffer", {}, "adapterhub"),
     ("bert", "houlsby", {}, "adapterhub"),
     ("bert", "parallel", {}, "adapterhub"),

@@ -50,6 +50,7 @@ class PeftFormat:
     shared: Mapping[str, str] = dataclasses.field(default_factory=dict)
     outside: Mapping[str, str] = dataclasses.field(default_factory=dict)
     tensor: Callable[[Entry], torch.Tensor] = same_tensor
+    local: Callable[[Entry], str] | None = None  # peft's name of a parameter in its module, where ``keys`` cannot say
     task_type: str | None = None
 
     def key(self, entry: Entry) -> str:
@@ -60,7 +61,8 @@ class PeftFormat:
             return self.outside[entry.local]
         if head in self.shared:
             return self.shared[head]
-        return f"{entry.host}.{self.keys.get(entry.local, entry.local)}"
+        local = self.local(entry) if self.local else self.keys.get(entry.local, entry.local)
+        return f"{entry.host}.{local}"
 
     def file_key(self, entry: Entry, backbone: str) -> str:
         """The parameter's key in peft's file (``backbone``: the task model's prefix of the backbone, ``bert.``)."""

@@ -34,7 +34,6 @@ _REFUSED = (
     "exclude_modules",
     "layer_replication",
     "trainable_token_indices",
-    "target_parameters",
     "lora_bias",
     "use_qalora",
     "alora_invocation_tokens",

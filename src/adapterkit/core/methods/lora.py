@@ -28,6 +28,7 @@ from adapterkit.core.entries import CONFIG_FILE, Entry, entries, unsupported
 from adapterkit.core.merge_rules import GENERIC, MergeRule
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 from adapterkit.core.methods.delta import WeightDelta
+from adapterkit.core.methods.lora_params import LoRAParams, find_parameters
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, refuse_gating, targets
 from adapterkit.core.quantize import dense_weight
 from adapterkit.core.state import FIXED
@@ -293,10 +294,26 @@ def _from_peft(data: dict, model: nn.Module) -> LoRAConfig:
         r=data["r"],
         alpha=data["lora_alpha"],
         dropout=data.get("lora_dropout", 0.0),
-        target_modules=targets(data["target_modules"]),
+        target_modules=targets(data["target_modules"]) if data.get("target_modules") else None,
         use_rslora=data.get("use_rslora", False),
         use_dora=data.get("use_dora", False),
+        target_parameters=data.get("target_parameters") or None,
     )
+
+
+def _peft_targets(config: LoRAConfig, model: nn.Module) -> list[str] | str:
+    if config.target_modules:
+        return config.target_modules
+    return [] if config.target_parameters else list(spec_for(model).lora_targets)
+
+
+def _peft_local(entry: Entry) -> str:
+    if isinstance(entry.module, LoRAParams):
+        return entry.module.peft_local(entry.local)
+    return _PEFT_KEYS.get(entry.local, entry.local)
+
+
+_PEFT_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 
 
 def _peft_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> dict:
@@ -305,7 +322,8 @@ def _peft_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> di
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": config.target_modules or list(spec_for(model).lora_targets),
+        "target_modules": _peft_targets(config, model),
+        "target_parameters": list(config.target_parameters) if config.target_parameters else None,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "fan_in_fan_out": fan_in_fan_out(model, found),
@@ -389,7 +407,7 @@ class LoRAConfig(AdapterConfig):
         "LORA",
         _from_peft,
         _peft_fields,
-        keys={"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"},
+        local=_peft_local,
     )
     merge_methods = GENERIC | {"svd"}
     merge_adapters = staticmethod(_merge_loras)
@@ -401,6 +419,7 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     init_weights: str = "kaiming"
     use_gating: bool = False
+    target_parameters: tuple[str, ...] | None = None
 
     @property
     def scaling(self) -> float:
@@ -412,10 +431,19 @@ class LoRAConfig(AdapterConfig):
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.init_weights in ("kaiming", "gaussian", *RESIDUAL), f"unknown init_weights {self.init_weights!r}")
         check(not (self.use_dora and self.init_weights in RESIDUAL), "PiSSA / OLoRA inits do not combine with DoRA")
+        plain = not (self.use_dora or self.use_gating or self.init_weights in RESIDUAL)
+        check(plain or not self.target_parameters, "target_parameters takes plain LoRA (no DoRA, gating or PiSSA)")
         check(not (self.use_gating and self.use_dora), "use_gating and use_dora cannot be combined")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
-        targets = self.target_modules or list(spec_for(model, arch).lora_targets)
-        kinds = (is_linear, _is_conv, lambda m: isinstance(m, nn.Embedding))
-        names = find_targets(model, targets, kinds, "Linear, Conv1D, Embedding or Conv1d/2d")
-        return [(name, make_lora(model.get_submodule(name), self)) for name in names]
+        placements = []
+        if self.target_modules or not self.target_parameters:  # peft: parameters alone need no module targets
+            targets = self.target_modules or list(spec_for(model, arch).lora_targets)
+            kinds = (is_linear, _is_conv, lambda m: isinstance(m, nn.Embedding))
+            names = find_targets(model, targets, kinds, "Linear, Conv1D, Embedding or Conv1d/2d")
+            placements = [(name, make_lora(model.get_submodule(name), self)) for name in names]
+        taken = {name for name, _ in placements}
+        for path, params in (find_parameters(model, self.target_parameters) if self.target_parameters else {}).items():
+            check(path not in taken, f"{path} is both a target module and holds target parameters; pick one")
+            placements.append((path, LoRAParams(model.get_submodule(path), params, self.r, self.scaling)))
+        return placements
