@@ -29,6 +29,8 @@ WRITABLE = [
     # the targets listed out of the module's order: peft nests a module's first parameter deepest whatever the order
     ("mixtral", "lora", {"target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]}, "peft"),
     ("mixtral", "lora", {"target_modules": ["q_proj"], "target_parameters": ["experts.down_proj"]}, "peft"),
+    ("bert", "trainable_tokens", {"token_indices": [43, 106, 11]}, "peft"),  # tokens of the test inputs
+    ("gpt2-lm", "trainable_tokens", {"token_indices": [43, 106, 11]}, "peft"),  # tied: peft stores a copy at lm_head
     ("bert", "pfeiffer", {}, "adapterhub"),
     ("bert", "houlsby", {}, "adapterhub"),
     ("bert", "parallel", {}, "adapterhub"),

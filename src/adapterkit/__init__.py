@@ -45,6 +45,7 @@ _WHERE = {  # public name -> the module that defines it
 _MODULES = {  # public submodules
     "composition": "adapterkit.core.composition",
     "formats": "adapterkit.core.formats",
+    "methods": "adapterkit.core.methods",  # every method's config (ak.methods.LoHaConfig, ...)
     "routing": "adapterkit.core.routing",
     "callbacks": "adapterkit.training.callbacks",
     "training": "adapterkit.training",

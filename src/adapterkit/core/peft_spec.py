@@ -51,6 +51,10 @@ class PeftFormat:
     outside: Mapping[str, str] = dataclasses.field(default_factory=dict)
     tensor: Callable[[Entry], torch.Tensor] = same_tensor
     local: Callable[[Entry], str] | None = None  # peft's name of a parameter in its module, where ``keys`` cannot say
+    # what a method's files hold beyond one tensor per parameter: (model, entries, tensors) -> tensors, written;
+    # (adapter_config.json, tensors) -> tensors, read (trainable tokens' copy under a tied output layer)
+    writing: Callable[[nn.Module, list[Entry], dict], dict] | None = None
+    reading: Callable[[dict[str, Any], dict], dict] | None = None
     task_type: str | None = None
 
     def key(self, entry: Entry) -> str:

@@ -81,6 +81,8 @@ def read(folder: Path, data: dict[str, Any], with_head: bool) -> tuple[dict, dic
     """``(adapter tensors, head tensors, weights file)``, keys without peft's wrapper prefix."""
     file = first_file(folder, WEIGHTS)
     raw = {k.removeprefix(WRAPPER): v for k, v in read_tensors(file).items()}
+    spec = FORMATS.get(data.get("peft_type"))
+    raw = spec.reading(data, raw) if spec and spec.reading else raw
     heads = tuple(f"{m}." for m in data.get("modules_to_save") or ())
     head = {k: v for k, v in raw.items() if k.startswith(heads)}
     return {k: v for k, v in raw.items() if k not in head}, head if with_head else {}, file
@@ -100,6 +102,7 @@ def export(model: nn.Module, name: str, config: AdapterConfig, with_head: bool) 
         **spec.fields(config, model, found),
     }
     tensors = {spec.file_key(e, base_prefix(model)): spec.tensor(e).detach() for e in _saved(spec, found)}
+    tensors = spec.writing(model, found, tensors) if spec.writing else tensors
     tensors.update({WRAPPER + k: p.detach() for k, p in head.items()})
     return {CONFIG_FILE: data}, {WEIGHTS[0]: tensors}
 

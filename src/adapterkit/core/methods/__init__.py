@@ -25,6 +25,7 @@ from adapterkit.core.methods.p_adapter import PAdapterConfig
 from adapterkit.core.methods.p_tuning import PTuningConfig
 from adapterkit.core.methods.prefix import PrefixConfig
 from adapterkit.core.methods.prompt import PromptConfig
+from adapterkit.core.methods.trainable_tokens import TrainableTokensConfig
 from adapterkit.core.methods.union import UnionConfig, union
 from adapterkit.core.methods.vera import VeRAConfig
 from adapterkit.errors import ConfigError
@@ -50,6 +51,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         OFTConfig,
         BOFTConfig,
         PTuningConfig,
+        TrainableTokensConfig,
     )
 }
 
@@ -77,6 +79,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "oft": OFTConfig(),
     "boft": BOFTConfig(),
     "p_tuning": PTuningConfig(),
+    "trainable_tokens": TrainableTokensConfig(),  # the config's special tokens, or token_indices=[...]
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
     "compacter": dataclasses.replace(_HOULSBY, reduction_factor=32, non_linearity="gelu", phm_layer=True),
@@ -140,6 +143,7 @@ __all__ = [
     "LoRAConfig",
     "PrefixConfig",
     "PromptConfig",
+    "TrainableTokensConfig",
     "UnionConfig",
     "VeRAConfig",
     "union",
