@@ -164,6 +164,9 @@ def first_output(out):
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+LARGER = {".hada_w": 3, ".lora_E": 10}
+
+
 def randomize_adapters(model, std: float = 0.1, seed: int = 2):
     """Give every adapter parameter random values (zero-init B would block A's gradient).
 
@@ -173,8 +176,10 @@ def randomize_adapters(model, std: float = 0.1, seed: int = 2):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".adapterkit." in name and ".fixed." not in name:  # fixed ones (VeRA's projections) never train
-                # LoHa's update multiplies four factors: at std 0.1 it would barely move the output
-                value = torch.randn(p.shape, generator=g) * (3 * std if ".hada_w" in name else std)
+                # LoHa's update multiplies four factors, AdaLoRA's three (E holds singular values): at std 0.1
+                # they would barely move the output
+                scale = next((k for part, k in LARGER.items() if part in name), 1)
+                value = torch.randn(p.shape, generator=g) * std * scale
                 p.copy_(value.abs() + std if name.endswith("bias") else value)
 
 

@@ -339,3 +339,11 @@ def test_the_command_line_takes_every_knob_at_once(work, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["padding_share"] == 0 and metrics["steps"] == 2
     assert {v.dtype for v in saved(out).values()} == {torch.float32}
+
+
+def test_train_runs_adaloras_rank_allocation(work, tmp_path):
+    """``adapterkit train`` runs the method's training hook: the saved AdaLoRA keeps target_r triplets a layer."""
+    options = dict(init_r=4, target_r=1, tinit=0, tfinal=1, deltaT=1, target_modules=["q_proj", "v_proj"])
+    run(work, tmp_path, adapter="adalora", max_steps=4, set=options)
+    singular = {k: v for k, v in saved(tmp_path).items() if k.endswith("lora_E")}
+    assert singular and sum(int((v != 0).sum()) for v in singular.values()) == len(singular)

@@ -38,6 +38,7 @@ PRESETS = [
     "oft",
     "boft",
     "p_tuning",
+    "adalora",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {

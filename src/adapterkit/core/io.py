@@ -134,6 +134,8 @@ def _load_peer(model, folder: Path, data: dict, peer: ModuleType, name: str | No
     """Load a peft or AdapterHub folder (``head``: whether to load its head too)."""
     try:
         config = peer.to_config(data, model)
+    except AdapterFileError:  # already names the option
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterFileError(
             f"{folder / CONFIG_FILE}: a {peer.NAME} config with a missing or malformed field ({e!r}); save it again"

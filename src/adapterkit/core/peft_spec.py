@@ -53,6 +53,7 @@ class PeftFormat:
     local: Callable[[Entry], str] | None = None  # peft's name of a parameter in its module, where ``keys`` cannot say
     # what a method's files hold beyond one tensor per parameter: (model, entries, tensors) -> tensors, written;
     # (adapter_config.json, tensors) -> tensors, read (trainable tokens' copy under a tied output layer)
+    accepts: frozenset[str] = frozenset()  # options peft's other methods use for what this one reads itself
     writing: Callable[[nn.Module, list[Entry], dict], dict] | None = None
     reading: Callable[[dict[str, Any], dict], dict] | None = None
     task_type: str | None = None

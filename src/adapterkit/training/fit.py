@@ -7,6 +7,7 @@ speech demo all train through :class:`Loop`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -37,6 +38,8 @@ class Loop:
     ``position`` (step, epoch, batch) may be shared with a caller that checkpoints it; modules in
     ``modules`` are put in train mode at each epoch's start (evaluation leaves them in eval mode).
     ``scaler`` (a :class:`torch.amp.GradScaler`, for fp16) scales each loss before its backward.
+    ``hooks``: what the trained adapters' methods run (``AdapterConfig.training_hook``): each ``regularizer()``
+    joins the step's loss, each ``update(step)`` follows the optimiser step, the gradients still there.
     """
 
     def __init__(
@@ -46,12 +49,13 @@ class Loop:
         modules: Sequence[nn.Module] = (),
         position: dict[str, Any] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        hooks: Sequence[Any] = (),
     ) -> None:
         from transformers import get_linear_schedule_with_warmup
 
         groups = list(params)
         self.params = [p for g in groups for p in g["params"]] if isinstance(groups[0], dict) else groups
-        self.schedule, self.modules, self.scaler = schedule, modules, scaler
+        self.schedule, self.modules, self.scaler, self.hooks = schedule, modules, scaler, list(hooks)
         self.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
         warmup = max(1, int(schedule.warmup * schedule.steps))
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, schedule.steps)
@@ -65,7 +69,8 @@ class Loop:
         backpropagated as it comes, so one micro-batch's graph is held at a time); returns the
         (summed) loss, detached."""
         total = None
-        for part in [loss] if isinstance(loss, torch.Tensor) else loss:
+        parts = [loss] if isinstance(loss, torch.Tensor) else loss
+        for part in itertools.chain(parts, (h.regularizer() for h in self.hooks)):
             (part if self.scaler is None else self.scaler.scale(part)).backward()
             total = part.detach() if total is None else total + part.detach()
         if total is None:
@@ -85,6 +90,8 @@ class Loop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
+        for hook in self.hooks:
+            hook.update(self.position["step"])
         self.optimizer.zero_grad(set_to_none=True)
         return total
 

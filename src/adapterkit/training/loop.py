@@ -176,7 +176,10 @@ class Run:
         self.position |= {"examples": 0, "tokens": 0, "slots": 0, "seconds": 0.0}
         params = [p for p in self.model.parameters() if p.requires_grad]
         scaler = self.precision.scaler(dist.device)
-        self.loop = Loop(params, schedule, modules=[self.wrapped], position=self.position, scaler=scaler)
+        # what the adapter's method runs besides the loss (AdaLoRA's rank allocation)
+        method = None if config.full_finetune else adapters.known(self.model, ADAPTER).configs[ADAPTER]
+        hooks = [h for h in [method and method.training_hook(self.model, ADAPTER, self.total_steps)] if h]
+        self.loop = Loop(params, schedule, [self.wrapped], self.position, scaler, hooks)
         self.metric = config.metric or self.task.metrics[0]
         if self.metric not in self.task.metrics:
             raise AdapterError(f"task {self.task.name} reports {self.task.metrics}, not {self.metric!r}")

@@ -47,8 +47,9 @@ def matches(data: dict[str, Any]) -> bool:
 
 def to_config(data: dict[str, Any], model: nn.Module) -> AdapterConfig:
     kind = data["peft_type"]
+    accepted = FORMATS[kind].accepts if kind in FORMATS else frozenset()
     for option in _REFUSED:
-        if data.get(option):
+        if data.get(option) and option not in accepted:
             raise unsupported(CONFIG_FILE, option, data[option])
     if data.get("bias", "none") != "none":
         raise unsupported(CONFIG_FILE, "bias", data["bias"], "train the biases in your own head instead")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from adapterkit.core.methods.adalora import AdaLoRAConfig
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule
 from adapterkit.core.methods.boft import BOFTConfig
 from adapterkit.core.methods.bottleneck import BottleneckConfig
@@ -52,6 +53,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         BOFTConfig,
         PTuningConfig,
         TrainableTokensConfig,
+        AdaLoRAConfig,
     )
 }
 
@@ -79,6 +81,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "oft": OFTConfig(),
     "boft": BOFTConfig(),
     "p_tuning": PTuningConfig(),
+    "adalora": AdaLoRAConfig(),
     "trainable_tokens": TrainableTokensConfig(),  # the config's special tokens, or token_indices=[...]
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
@@ -125,6 +128,7 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 
 
 __all__ = [
+    "AdaLoRAConfig",
     "AdapterConfig",
     "AdapterModule",
     "BOFTConfig",

@@ -160,6 +160,11 @@ class AdapterConfig(abc.ABC):
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, AdapterModule]]:
         """Create the adapter modules and say where each goes (full module paths)."""
 
+    def training_hook(self, model: nn.Module, name: str, total_step: int) -> Any:
+        """What a training loop must run for this adapter besides the loss (AdaLoRA's rank allocation): an object
+        with ``regularizer()`` (a loss term) and ``update(step)`` (after each optimiser step), or None."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (tuples as lists), with the method's name."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
