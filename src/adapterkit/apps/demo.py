@@ -24,7 +24,7 @@ from torch import nn
 from adapterkit.apps.data import sentiment_splits
 from adapterkit.core import adapters, io
 from adapterkit.errors import AdapterError
-from adapterkit.training.fit import Loop, Schedule
+from adapterkit.training.fit import Loop, Schedule, method_hooks
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -55,6 +55,18 @@ MORE_RUNS = [  # `--methods all`: every other family
     Run("prompt (10)", "prompt", lr=3e-2, epochs=1.75),
     Run("mam", "mam", lr=5e-4, epochs=1.75),
     Run("unipelt", "unipelt", lr=1e-3, epochs=1.75),
+    # the methods peft has that came later (issue 29); learning rates from their papers' and peft's examples
+    Run("pissa (r=8)", "pissa", lr=1e-4, epochs=1.75),
+    Run("olora (r=8)", "olora", lr=1e-4, epochs=1.75),
+    Run("loha (r=8)", "loha", lr=1e-3, epochs=1.75),
+    Run("lokr (r=8)", "lokr", lr=1e-3, epochs=1.75),
+    Run("adalora (12->8)", "adalora", lr=1e-3, epochs=1.75),
+    Run("vera (r=256)", "vera", lr=1e-2, epochs=1.75),
+    Run("fourierft (1000)", "fourierft", lr=1e-2, epochs=1.75),
+    Run("oft (blocks 32)", "oft", lr=1e-3, epochs=1.75),
+    Run("boft (blocks 4)", "boft", lr=1e-3, epochs=1.75),
+    Run("ln tuning", "ln_tuning", lr=1e-3, epochs=1.75),
+    Run("p-tuning (10)", "p_tuning", lr=3e-3, epochs=1.75),
 ]
 
 
@@ -161,7 +173,7 @@ def train(
     clipping) on ``loss_fn(model, inputs, labels)`` over length-bucketed batches; returns wall-clock seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps = max(1, int(run.epochs * len(data) / batch_size))
-    loop = Loop(params, Schedule(run.lr, steps), modules=[model])
+    loop = Loop(params, Schedule(run.lr, steps), modules=[model], hooks=method_hooks(model, steps))
     start = time.perf_counter()
     loop.run(
         lambda epoch: list(batches(data, batch_size, seed=seed + epoch)),

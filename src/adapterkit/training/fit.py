@@ -32,6 +32,19 @@ class Schedule:
             raise ValueError(f"a schedule needs lr >= 0, steps >= 1 and warmup in [0, 1): {self}")
 
 
+def method_hooks(model: nn.Module, steps: int) -> list[Any]:
+    """The training hooks (``AdapterConfig.training_hook``: AdaLoRA's rank allocation) of the adapters of
+    ``model`` that train, for a run of ``steps`` steps."""
+    from adapterkit.core import adapters, state
+
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    hooks = []
+    for name, config in adapters.list_adapters(model).items():
+        if any(state.is_adapter_param(p, name) for p in trained):
+            hooks.append(config.training_hook(model, name, steps))
+    return [h for h in hooks if h is not None]
+
+
 class Loop:
     """Train ``params`` (a list, or AdamW parameter groups with their own ``lr``) on ``schedule``.
 

@@ -46,7 +46,7 @@ from adapterkit.training import (
     report,
 )
 from adapterkit.training.distributed import Distributed
-from adapterkit.training.fit import Loop, Schedule
+from adapterkit.training.fit import Loop, Schedule, method_hooks
 from adapterkit.training.precision import Precision
 from adapterkit.training.tables import read_table
 from adapterkit.training.tasks import TASKS, Task, make_task
@@ -176,9 +176,7 @@ class Run:
         self.position |= {"examples": 0, "tokens": 0, "slots": 0, "seconds": 0.0}
         params = [p for p in self.model.parameters() if p.requires_grad]
         scaler = self.precision.scaler(dist.device)
-        # what the adapter's method runs besides the loss (AdaLoRA's rank allocation)
-        method = None if config.full_finetune else adapters.known(self.model, ADAPTER).configs[ADAPTER]
-        hooks = [h for h in [method and method.training_hook(self.model, ADAPTER, self.total_steps)] if h]
+        hooks = method_hooks(self.model, self.total_steps)  # what the method runs besides the loss (AdaLoRA)
         self.loop = Loop(params, schedule, [self.wrapped], self.position, scaler, hooks)
         self.metric = config.metric or self.task.metrics[0]
         if self.metric not in self.task.metrics:

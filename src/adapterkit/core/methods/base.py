@@ -26,6 +26,7 @@ from adapterkit.core.state import base_modules
 from adapterkit.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
+    from adapterkit.core.adapterhub_spec import HubFormat
     from adapterkit.core.peft_spec import PeftFormat
 
 
@@ -140,6 +141,7 @@ class AdapterConfig(abc.ABC):
 
     method: ClassVar[str] = ""
     peft: ClassVar[PeftFormat | None] = None  # how peft's folders hold it, where peft has the method
+    adapterhub: ClassVar[HubFormat | None] = None  # how AdapterHub's folders hold it, where AdapterHub has it
     merge_methods: ClassVar[frozenset[str]] = GENERIC  # the merge rules it accepts (none: it cannot merge)
     # (model, names, configs, weights, rule) -> (new config, its tensors), for a method that merges in its own
     # way; None: every parameter merged by the rule (core.merging)

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from adapterkit.core.arch import ArchSpec, features, find_layers, spec_for
+from adapterkit.core.adapterhub_spec import HUB, HubFormat, layers, refuse
+from adapterkit.core.arch import ArchSpec, features, find_layers, model_type, spec_for
 from adapterkit.core.composition import map_hidden, put, stack_rows, take
+from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, param_dtype, share
 from adapterkit.core.state import Relay
 
@@ -273,6 +277,99 @@ class ParallelAdapter(_Site):
         return map_hidden(out, lambda s: s + fusion(source, [m.bottleneck(source) for m in modules]))
 
 
+# -- AdapterHub's format ------------------------------------------------------------------------------------------
+
+_BN = {
+    "mh_adapter": False,
+    "output_adapter": True,
+    "reduction_factor": 16,
+    "non_linearity": "relu",
+    "original_ln_before": True,
+    "original_ln_after": True,
+    "ln_before": False,
+    "ln_after": False,
+    "init_weights": "bert",
+    "init_weights_seed": None,
+    "is_parallel": False,
+    "scaling": 1.0,
+    "use_gating": False,
+    "residual_before_ln": True,
+    "adapter_residual_before_ln": False,
+    "inv_adapter": None,
+    "inv_adapter_reduction_factor": None,
+    "cross_adapter": False,
+    "leave_out": [],
+    "dropout": 0.0,
+    "phm_layer": False,
+    "stochastic_depth": 0.0,
+}
+_FIXED = ("original_ln_after", "ln_before", "ln_after", "residual_before_ln", "adapter_residual_before_ln")
+_FIXED += ("inv_adapter", "cross_adapter", "phm_layer", "use_gating", "stochastic_depth")
+_SHARED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before")
+_SHARED += ("is_parallel", "scaling", "init_weights", "dropout", "leave_out")
+_HOULSBY = {**_BN, "mh_adapter": True, "non_linearity": "swish", "original_ln_before": False}
+_PARALLEL = {**_BN, "reduction_factor": 2, "original_ln_before": False, "is_parallel": True, "scaling": 4.0}
+_PARALLEL["init_weights"] = "mam_adapter"
+_HUB_PRESETS = {"pfeiffer": _BN, "seq_bn": _BN, "houlsby": _HOULSBY, "double_seq_bn": _HOULSBY}
+_HUB_PRESETS |= {"par_bn": _PARALLEL, "parallel": _PARALLEL}
+_BERT_SITES = ("attention.output", "output")  # where a layer's (attention, output) adapters live
+SITES = {"bert": _BERT_SITES, "roberta": _BERT_SITES, "xlm-roberta": _BERT_SITES, "electra": _BERT_SITES}
+SITES["gpt2"] = ("attention_adapters", "output_adapters")
+
+
+def _parallel_fits(config: BottleneckConfig, model: nn.Module) -> BottleneckConfig:
+    if config.is_parallel and not spec_for(model).post_ln:
+        raise unsupported(
+            HUB,
+            "is_parallel",
+            True,
+            f"on a pre-LN model ({model_type(model)}) AdapterHub feeds a parallel adapter the residual stream "
+            "before the LayerNorm, adapterkit the sub-layer's input: their outputs differ",
+        )
+    return config
+
+
+def _from_hub(config: dict[str, Any], model: nn.Module) -> BottleneckConfig:
+    refuse(config, _BN, _FIXED)
+    for option in ("reduction_factor", "scaling"):
+        if not isinstance(config.get(option, 1), (int, float)):
+            raise unsupported(CONFIG_FILE, option, config[option])
+    fields = {k: config[k] for k in _SHARED if k in config}
+    if fields.get("init_weights") not in INITS:
+        fields["init_weights"] = "bert"  # an init scheme only; the loaded weights replace it
+    return _parallel_fits(BottleneckConfig(**fields), model)
+
+
+def _hub_fields(config: BottleneckConfig, model: nn.Module, found: list[Entry]) -> dict[str, Any]:
+    _parallel_fits(config, model)
+    if config.phm_layer:
+        raise unsupported(HUB, "phm_layer", True, "Compacter's PHM layout differs; save as 'adapterkit'")
+    out = {**_BN, **{k: getattr(config, k) for k in _SHARED}}
+    hidden = model.config.hidden_size
+    if config.bottleneck_size:
+        factor = hidden / config.bottleneck_size
+        if int(hidden // factor) != config.bottleneck_size:
+            raise unsupported(
+                HUB, "bottleneck_size", config.bottleneck_size, f"no reduction_factor gives it at {hidden}"
+            )
+        out["reduction_factor"] = factor
+    return out
+
+
+def _hub_key(model: nn.Module, entry: Entry, peer: str) -> str:
+    """``<layer>.<site>.adapters.<name>.adapter_down.0.weight``: the site after attention or after the FFN."""
+    kind = model_type(model)
+    if kind not in SITES:
+        raise unsupported(
+            HUB, "model_type", kind, "AdapterHub's bottleneck key layout is mapped for bert-like and gpt2"
+        )
+    layer = max((lay for lay in layers(model) if entry.host == lay or entry.host.startswith(lay + ".")), key=len)
+    rest, attn = entry.host.removeprefix(layer).lstrip("."), spec_for(model).attn_in
+    site = SITES[kind][0 if rest.split(".")[0] == attn.split(".")[0] else 1]
+    leaf = re.sub(r"^bottleneck\.adapter_down\.", "adapter_down.0.", entry.local).removeprefix("bottleneck.")
+    return f"{layer}.{site}.adapters.{peer}.{leaf}"
+
+
 @dataclasses.dataclass(frozen=True)
 class BottleneckConfig(AdapterConfig):
     """Bottleneck adapter config; field names and defaults follow AdapterHub's ``BnConfig``.
@@ -285,6 +382,7 @@ class BottleneckConfig(AdapterConfig):
     """
 
     method = "bottleneck"
+    adapterhub = HubFormat(None, _from_hub, _hub_fields, _hub_key, presets=_HUB_PRESETS)
     mh_adapter: bool = False
     output_adapter: bool = True
     reduction_factor: float = 16

@@ -19,9 +19,18 @@ import dataclasses
 import torch
 from torch import nn
 
+from adapterkit.core.adapterhub_spec import (
+    HUB,
+    LORA,
+    HubFormat,
+    lora_hosts,
+    lora_key,
+    lora_layout,
+    refuse_lora_variants,
+)
 from adapterkit.core.arch import ArchSpec, features, find_layers, out_in, spec_for
 from adapterkit.core.composition import first_input, stack_rows, with_first_input
-from adapterkit.core.entries import Entry, exact_regex
+from adapterkit.core.entries import Entry, exact_regex, unsupported
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, targets
 from adapterkit.errors import AdapterError
@@ -136,12 +145,37 @@ def _peft_tensor(entry: Entry) -> torch.Tensor:
     return entry.param[None] if isinstance(entry.module, IA3Input) else entry.param[:, None]
 
 
+_HUB_IA3 = {**LORA, "intermediate_lora": True, "r": 1, "alpha": 1, "attn_matrices": ["k", "v"]}
+_HUB_IA3.update(composition_mode="scale", init_weights="ia3")
+
+
+def _from_hub(config: dict, model: nn.Module) -> IA3Config:
+    """AdapterHub's IA3 is its ``lora`` architecture with ``composition_mode="scale"``."""
+    refuse_lora_variants(config)
+    return IA3Config(convention="adapterhub", target_modules=exact_regex(lora_hosts(config, model)))
+
+
+def _hub_fields(config: IA3Config, model: nn.Module, found: list[Entry]) -> dict:
+    if any(isinstance(e.module, IA3Input) for e in found):
+        raise unsupported(HUB, "feedforward_modules", config.feedforward_modules, "AdapterHub's IA3 scales outputs")
+    return {**_HUB_IA3, **lora_layout(model, sorted({e.host for e in found}), config)}
+
+
 @dataclasses.dataclass(frozen=True)
 class IA3Config(AdapterConfig):
     """IA3 config. ``convention`` picks the table's targets; the module lists override them."""
 
     method = "ia3"
     peft = PeftFormat("IA3", _from_peft, _peft_fields, tensor=_peft_tensor)
+    adapterhub = HubFormat(
+        "lora",
+        _from_hub,
+        _hub_fields,
+        lora_key,
+        claims=lambda c: c.get("composition_mode") == "scale",
+        presets={"ia3": _HUB_IA3},
+        tensor=lambda entry: entry.param[:, None],  # AdapterHub's lora_B of (out, 1)
+    )
     convention: str = "peft"
     target_modules: tuple[str, ...] | str | None = None
     feedforward_modules: tuple[str, ...] | str | None = None

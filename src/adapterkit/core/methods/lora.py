@@ -22,9 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterkit.core.adapterhub_spec import (
+    HUB,
+    LORA,
+    HubFormat,
+    lora_hosts,
+    lora_key,
+    lora_layout,
+    refuse_lora_variants,
+)
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
 from adapterkit.core.composition import stack_rows
-from adapterkit.core.entries import CONFIG_FILE, Entry, entries, unsupported
+from adapterkit.core.entries import CONFIG_FILE, Entry, entries, exact_regex, unsupported
 from adapterkit.core.merge_rules import GENERIC, MergeRule
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 from adapterkit.core.methods.delta import WeightDelta
@@ -394,6 +403,23 @@ def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return b, a
 
 
+def _from_hub(config: dict, model: nn.Module) -> LoRAConfig:
+    refuse_lora_variants(config)
+    hosts = exact_regex(lora_hosts(config, model))
+    return LoRAConfig(r=config["r"], alpha=config["alpha"], dropout=config.get("dropout", 0.0), target_modules=hosts)
+
+
+def _hub_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> dict:
+    if config.use_dora:
+        raise unsupported(HUB, "use_dora", True, "AdapterHub's DoRA computes differently; save as 'peft'")
+    if any(e.local not in ("lora_A", "lora_B") for e in found):
+        local = next(e.local for e in found if e.local not in ("lora_A", "lora_B"))
+        raise unsupported(HUB, "parameter", local, "AdapterHub has no equivalent; save as 'peft' or 'adapterkit'")
+    layout = lora_layout(model, sorted({e.host for e in found}), config)
+    alpha = config.scaling * config.r if config.use_rslora else config.alpha  # AdapterHub scales by alpha / r
+    return {**LORA, **layout, "r": config.r, "alpha": alpha, "dropout": config.dropout}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
     """LoRA config, peft's field names. ``target_modules`` None = the architecture's default.
@@ -408,6 +434,14 @@ class LoRAConfig(AdapterConfig):
         _from_peft,
         _peft_fields,
         local=_peft_local,
+    )
+    adapterhub = HubFormat(
+        "lora",
+        _from_hub,
+        _hub_fields,
+        lora_key,
+        claims=lambda c: c.get("composition_mode") != "scale",
+        presets={"lora": LORA},
     )
     merge_methods = GENERIC | {"svd"}
     merge_adapters = staticmethod(_merge_loras)

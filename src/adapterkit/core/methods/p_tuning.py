@@ -85,6 +85,7 @@ class PTuningConfig(PromptConfig):
         tensor=lambda entry: entry.module.vectors(),
         task_type="FEATURE_EXTRACTION",
     )
+    adapterhub = None  # AdapterHub has no P-tuning (prompt tuning's record would write the encoder's input)
     encoder_reparameterization_type: str = "MLP"
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core import state as st
+from adapterkit.core.adapterhub_spec import HUB, HubFormat, layers
 from adapterkit.core.arch import ArchSpec, find_layers, spec_for
 from adapterkit.core.backbone import base_prefix
 from adapterkit.core.composition import first_input, gather_rows
-from adapterkit.core.entries import Entry, unsupported
+from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 from adapterkit.core.peft_spec import PEFT, PeftFormat, prompt_fields, refuse_gating
 from adapterkit.core.state import SLOT, Relay
@@ -277,6 +278,63 @@ def _peft_tensor(entry: Entry) -> torch.Tensor:
     return entry.module.generator.full()
 
 
+_HUB_PREFIX = {
+    "architecture": "prefix_tuning",
+    "encoder_prefix": True,
+    "cross_prefix": True,
+    "leave_out": [],
+    "flat": False,
+    "prefix_length": 30,
+    "bottleneck_size": 512,
+    "non_linearity": "tanh",
+    "dropout": 0.0,
+    "use_gating": False,
+    "shared_gating": True,
+    "init_weights_seed": None,
+}
+_HUB_FIELDS = ("prefix_length", "bottleneck_size", "flat", "dropout")
+POOL = ".prefix_tuning.pool.prefix_tunings."  # AdapterHub's copies of the prefix under every layer
+
+
+def _from_hub(config: dict, model: nn.Module) -> PrefixConfig:
+    for option, allowed in (("use_gating", False), ("non_linearity", "tanh"), ("encoder_prefix", True)):
+        if config.get(option, allowed) != allowed:
+            raise unsupported(CONFIG_FILE, option, config[option])
+    if config.get("leave_out"):
+        raise unsupported(CONFIG_FILE, "leave_out", config["leave_out"])
+    return PrefixConfig(**{k: config[k] for k in _HUB_FIELDS if k in config})
+
+
+def _hub_fields(config: PrefixConfig, model: nn.Module, found: list[Entry]) -> dict:
+    if config.shift_positions:
+        raise unsupported(HUB, "shift_positions", True, "AdapterHub keeps positions; save as 'peft'")
+    return {**_HUB_PREFIX, **{k: getattr(config, k) for k in _HUB_FIELDS}}
+
+
+def _hub_key(model: nn.Module, entry: Entry, peer: str) -> str:
+    leaf = entry.local.removeprefix("generator.").replace("prefix", "control_trans")
+    return f"prefix_tuning.prefix_tunings.{peer}.self_prefix.{leaf}"
+
+
+def _hub_tensor(entry: Entry) -> torch.Tensor:
+    return entry.param.reshape(-1) if entry.local == "generator.prefix" else entry.param  # its flat prefix: 1-D
+
+
+def _hub_writing(model: nn.Module, found: list[Entry], tensors: dict) -> dict:
+    """AdapterHub also stores a copy of the prefix under every layer."""
+    attn = spec_for(model).attn_in
+    copies = {
+        f"{layer}.{attn}{POOL}{key.removeprefix('prefix_tuning.prefix_tunings.')}": value.clone()
+        for layer in layers(model)
+        for key, value in tensors.items()
+    }  # clones: safetensors refuses tensors that share memory
+    return {**tensors, **copies}
+
+
+def _hub_reading(data: dict, raw: dict) -> dict:
+    return {k: v for k, v in raw.items() if POOL not in k}  # the copies duplicate the top-level tensors
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig(AdapterConfig):
     """Prefix tuning config; AdapterHub's ``PrefixTuningConfig`` names and defaults."""
@@ -289,6 +347,16 @@ class PrefixConfig(AdapterConfig):
         shared={"generator": "prompt_embeddings"},
         tensor=_peft_tensor,
         task_type="FEATURE_EXTRACTION",
+    )
+    adapterhub = HubFormat(
+        "prefix_tuning",
+        _from_hub,
+        _hub_fields,
+        _hub_key,
+        presets={"prefix_tuning": _HUB_PREFIX},
+        tensor=_hub_tensor,
+        writing=_hub_writing,
+        reading=_hub_reading,
     )
     prefix_length: int = 30
     bottleneck_size: int = 512

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterkit.core.adapterhub_spec import HubFormat
 from adapterkit.core.arch import ArchSpec, model_type, spec_for
 from adapterkit.core.backbone import base_prefix
 from adapterkit.core.composition import gather_rows, hidden, with_hidden
@@ -226,6 +227,34 @@ def _peft_fields(config: PromptConfig, model: nn.Module, found: list[Entry]) -> 
     return {"prompt_tuning_init": "RANDOM", **prompt_fields(model, config.prompt_length)}
 
 
+_HUB_PROMPT = {"architecture": "prompt_tuning", "prompt_length": 10, "prompt_init": "random_uniform"}
+_HUB_PROMPT.update(prompt_init_text=None, combine="prefix", init_weights_seed=None)
+
+
+def hub_placement(model: nn.Module) -> None:
+    """AdapterHub has prompts on encoders only (after their position embeddings, as adapterkit)."""
+    if spec_for(model).prompt_before_positions:
+        raise unsupported(
+            CONFIG_FILE, "architecture", "prompt_tuning", f"AdapterHub has no prompts on {model_type(model)}"
+        )
+
+
+def _from_hub(config: dict, model: nn.Module) -> PromptConfig:
+    if config.get("combine", "prefix") != "prefix":
+        raise unsupported(CONFIG_FILE, "combine", config["combine"])
+    hub_placement(model)
+    return PromptConfig(prompt_length=config["prompt_length"])
+
+
+def _hub_fields(config: PromptConfig, model: nn.Module, found: list[Entry]) -> dict:
+    hub_placement(model)
+    return {**_HUB_PROMPT, "prompt_length": config.prompt_length}
+
+
+def _hub_key(model: nn.Module, entry: Entry, peer: str) -> str:
+    return f"prompt_tuning.prompt_tunings.{peer}.prompt_embedding.weight"
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptConfig(AdapterConfig):
     """Prompt tuning config (AdapterHub's ``prompt_length`` default of 10)."""
@@ -238,6 +267,7 @@ class PromptConfig(AdapterConfig):
         shared={"prompt_embedding": "prompt_embeddings"},
         task_type="FEATURE_EXTRACTION",
     )
+    adapterhub = HubFormat("prompt_tuning", _from_hub, _hub_fields, _hub_key, presets={"prompt_tuning": _HUB_PROMPT})
     prompt_length: int = 10
     init: str = "random"
     init_token_ids: tuple[int, ...] | None = None
