@@ -43,6 +43,10 @@ WRITABLE = [
     ("bert-cls", "pfeiffer", {"bottleneck_size": 8}, "adapterhub"),
     ("gpt2", "pfeiffer", {}, "adapterhub"),
     ("gpt2", "houlsby", {}, "adapterhub"),
+    ("bert", "loreft", {}, "adapterhub"),
+    ("bert", "loreft", {"prefix_positions": 2, "suffix_positions": 2, "r": 2}, "adapterhub"),
+    ("bert", "noreft", {"prefix_positions": 0, "suffix_positions": 1, "tied_weights": True}, "adapterhub"),
+    ("bert", "noreft", {"prefix_positions": 0, "suffix_positions": 2, "layers": [1]}, "adapterhub"),
 ]
 # every other method peft has, as the method table (test_methods.PRESETS) adds it, on BERT (prompts: peft's
 # prompts go before the position embeddings, so on a decoder)
@@ -154,6 +158,7 @@ REFUSED = [
     ("gpt2", "parallel", {}, "adapterhub", "residual stream before the LayerNorm"),
     ("gpt2", "prompt", {}, "adapterhub", "no prompts on"),
     ("bert", "prefix", {"shift_positions": True}, "adapterhub", "keeps positions"),
+    ("bert", "direft", {}, "adapterhub", "saves no subtract_projection"),
 ]
 
 

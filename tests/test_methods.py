@@ -39,6 +39,7 @@ PRESETS = [
     "boft",
     "p_tuning",
     "adalora",
+    "loreft",
 ]
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {

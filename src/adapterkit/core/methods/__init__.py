@@ -26,6 +26,7 @@ from adapterkit.core.methods.p_adapter import PAdapterConfig
 from adapterkit.core.methods.p_tuning import PTuningConfig
 from adapterkit.core.methods.prefix import PrefixConfig
 from adapterkit.core.methods.prompt import PromptConfig
+from adapterkit.core.methods.reft import LoReftConfig
 from adapterkit.core.methods.trainable_tokens import TrainableTokensConfig
 from adapterkit.core.methods.union import UnionConfig, union
 from adapterkit.core.methods.vera import VeRAConfig
@@ -54,6 +55,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
         PTuningConfig,
         TrainableTokensConfig,
         AdaLoRAConfig,
+        LoReftConfig,
     )
 }
 
@@ -82,6 +84,9 @@ PRESETS: dict[str, AdapterConfig] = {
     "boft": BOFTConfig(),
     "p_tuning": PTuningConfig(),
     "adalora": AdaLoRAConfig(),
+    "loreft": LoReftConfig(),
+    "noreft": LoReftConfig(orthogonality=False),
+    "direft": LoReftConfig(orthogonality=False, subtract_projection=False),
     "trainable_tokens": TrainableTokensConfig(),  # the config's special tokens, or token_indices=[...]
     "ia3": IA3Config(),
     "ia3_adapterhub": IA3Config(convention="adapterhub"),
@@ -143,6 +148,7 @@ __all__ = [
     "ImageConfig",
     "LNTuningConfig",
     "LoHaConfig",
+    "LoReftConfig",
     "LoKrConfig",
     "LoRAConfig",
     "PrefixConfig",
