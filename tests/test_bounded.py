@@ -11,6 +11,7 @@ import torch
 import adapterkit as ak
 from adapterkit.core import composition as co
 from adapterkit.core import state as st
+from adapterkit.core.lru import LRU
 
 from conftest import make_inputs, make_model, randomize_adapters
 
@@ -62,7 +63,7 @@ def container_sizes(model: torch.nn.Module) -> dict[str, int]:
         f"{where}.{attr}": len(value)
         for where, holder in holders.items()
         for attr, value in vars(holder).items()
-        if isinstance(value, (dict, set, list, co.LRU))
+        if isinstance(value, (dict, set, list, LRU))
     }
 
 

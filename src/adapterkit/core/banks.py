@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from adapterkit.core import state as st
-from adapterkit.core.composition import PerRow, check_support, hidden, take_rows
+from adapterkit.core.composition import PerRow, check_support
+from adapterkit.core.hosts import hidden, take_rows
 from adapterkit.errors import AdapterError
 
 NONE = 0  # the slot of rows without an adapter

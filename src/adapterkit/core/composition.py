@@ -26,67 +26,18 @@ from __future__ import annotations
 
 import abc
 import ast
-import collections
 import dataclasses
 import json
-import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from adapterkit.core.hosts import first_input, hidden, put, take, with_first_input, with_hidden
+from adapterkit.core.lru import LRU
 from adapterkit.errors import ConfigError
 
 Child = Any  # str | Block (| None inside PerRow)
-
-
-class LRU:
-    """A cache that keeps its ``maxsize`` most recently used entries, so no traffic can grow it.
-
-    Every cache adapterkit keeps on the serving path is one (:func:`adapterkit.core.state.caches`)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self.entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
-        self.lock = threading.Lock()  # threads serving one model share its caches
-
-    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        """The value cached for ``key``, made by ``make()`` (and cached) on a miss."""
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        value = make()
-        with self.lock:
-            self.entries[key] = value
-            while len(self.entries) > self.maxsize:
-                self.entries.popitem(last=False)
-        return value
-
-    def __contains__(self, key: Hashable) -> bool:
-        """Whether ``key`` is cached (a hit counts as a use)."""
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return True
-            return False
-
-    def add(self, key: Hashable) -> None:
-        """Remember ``key`` (the cache as a bounded set)."""
-        self.get(key, lambda: True)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getstate__(self) -> dict[str, int]:
-        return {"maxsize": self.maxsize}  # a copy (deepcopy, pickle) starts empty: a cache refills
-
-    def __setstate__(self, state: dict[str, int]) -> None:
-        self.__init__(state["maxsize"])
 
 
 # Per-row index tensors of PerRow groups, and the PerRow that a BatchSplit/Parallel means per batch size:
@@ -94,76 +45,6 @@ class LRU:
 INDEX_CACHE = LRU(256)
 ROWS_CACHE = LRU(64)
 CACHES: dict[str, LRU] = {"per_row_index": INDEX_CACHE, "rows_by_batch": ROWS_CACHE}
-
-
-# A host's call and output, the one place that knows their shapes: the first input is the first positional
-# argument or ``hidden_states=`` (else the first keyword); the hidden state of an output is the tensor itself
-# or the first item of a tuple or ModelOutput.
-def first_input(args: tuple, kwargs: dict) -> Any:
-    """The host call's first input: positional, ``hidden_states=``, or else the first keyword (None if none)."""
-    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-
-
-def with_first_input(args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
-    """The call's ``(args, kwargs)`` with its first input (as :func:`first_input` finds it) replaced."""
-    if args:
-        return (value, *args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-    return args, {**kwargs, key: value}
-
-
-def hidden(out: Any) -> torch.Tensor:
-    """A module output's hidden state: the tensor, or the first item of a tuple or ModelOutput."""
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def with_hidden(out: Any, value: torch.Tensor) -> Any:
-    """``out`` with its hidden state (as :func:`hidden` finds it) replaced by ``value``."""
-    if isinstance(out, torch.Tensor):
-        return value
-    if isinstance(out, tuple):
-        return (value, *out[1:])
-    return type(out)(**{**out, next(iter(out.keys())): value})
-
-
-def map_hidden(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``out`` with ``fn`` applied to its hidden state."""
-    return with_hidden(out, fn(hidden(out)))
-
-
-def take(value: Any, index: torch.Tensor, dim: int = 0) -> Any:
-    """Rows (or positions, ``dim=1``) ``index`` of a tensor or of a tuple's hidden state."""
-    if isinstance(value, tuple):
-        return (take(value[0], index, dim), *value[1:])
-    return value.index_select(dim, index) if isinstance(value, torch.Tensor) else value
-
-
-def put(out: Any, index: torch.Tensor, new: Any) -> Any:
-    """``out`` with rows ``index`` replaced by ``new`` (out of place, so autograd sees it)."""
-    return with_hidden(out, hidden(out).index_copy(0, index, hidden(new)))
-
-
-def stack_rows(values: Sequence[torch.Tensor] | Sequence[float], identity: float = 0, device=None) -> torch.Tensor:
-    """The table of a ``PerRow`` group: ``values`` (one per adapter, equal shapes) stacked with a last entry
-    filled with ``identity`` (what "no adapter of this group" means: 0 for an update, 1 for a scale).
-    Numbers give a tensor on ``device``."""
-    if not isinstance(values[0], torch.Tensor):
-        return torch.tensor([*values, identity], device=device)
-    return torch.stack([*values, torch.full_like(values[0], identity)])
-
-
-def gather_rows(
-    values: Sequence[torch.Tensor] | Sequence[float], index: torch.Tensor, identity: float = 0
-) -> torch.Tensor:
-    """Row ``i`` of the batch takes entry ``index[i]`` of :func:`stack_rows` (``len(values)``: the identity)."""
-    # index_select, not table[index]: the same copy, an order of magnitude faster on CPU (16 rows of a
-    # bottleneck's weights: 51 us vs 673 us)
-    return stack_rows(values, identity, index.device).index_select(0, index)
-
-
-def take_rows(tables: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-    """Row ``i`` of the batch takes entry ``index[i]`` of each table."""
-    return [table.index_select(0, index) for table in tables]
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -624,25 +505,6 @@ def check_support(setup: Block, modules_of) -> None:
                     f"adapter {name!r} ({method}) cannot run in {where.get(missing[0], missing[0].title())}: "
                     f"{module.explain(missing[0])}"
                 )
-
-
-def loop_rows(host, x, out, modules: list, index: torch.Tensor):
-    """Each adapter on its own rows: the fallback for adapters that cannot compute together."""
-    for k, module in enumerate(modules):
-        rows = (index == k).nonzero().squeeze(1)
-        if len(rows):
-            out = put(out, rows, module.adapt(host, take(x, rows), take(out, rows)))
-    return out
-
-
-def loop_kv_rows(modules: list, index: torch.Tensor, key: torch.Tensor) -> list:
-    """Each adapter's prefix for all rows, visible only to its own rows."""
-    out = []
-    for k, module in enumerate(modules):
-        mine = index == k
-        for keys, values in module.kv_prefix(key):
-            out.append((keys, values, mine[:, None].expand(-1, keys.shape[2])))
-    return out
 
 
 def parse_expression(text: str) -> Block:

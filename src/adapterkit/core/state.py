@@ -13,7 +13,7 @@ Hooks of one forward hand values to later hooks (a sub-layer's input to a parall
 prompt's "insert now" flag, gates, the L-adapter's taps) through :class:`Relay` objects, whose values
 live in the forward's :func:`scratch` area: one per thread and model forward, opened by the model's
 pre-hook and dropped by its forward hook, which PyTorch runs even when the forward raises. Nothing
-a forward leaves there outlives it, and the caches are :class:`~adapterkit.core.composition.LRU` (:func:`caches`).
+a forward leaves there outlives it, and the caches are :class:`~adapterkit.core.lru.LRU` (:func:`caches`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from adapterkit.core import composition as co
+from adapterkit.core.hosts import first_input, loop_kv_rows, loop_rows
+from adapterkit.core.lru import LRU
 from adapterkit.errors import AdapterError
 
 SLOT = "adapterkit"
@@ -88,7 +90,7 @@ class State:
     active: co.Block = dataclasses.field(default_factory=co.Stack)
     merged: set[str] = dataclasses.field(default_factory=set)
     fingerprint: str | None = None
-    checked: co.LRU = dataclasses.field(default_factory=lambda: co.LRU(CHECKED_SIZE))  # valid setups; cleared on change
+    checked: LRU = dataclasses.field(default_factory=lambda: LRU(CHECKED_SIZE))  # valid setups; cleared on change
     changes: dict[str, Change] = dataclasses.field(default_factory=dict)
     building: str | None = None  # the adapter whose placements are being made: it owns the changes made now
 
@@ -171,7 +173,7 @@ class Slot(nn.ModuleDict):
         return self.state.current().apply_inputs(self, host, args, kwargs)
 
     def hook(self, host: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        return self.state.current().apply(self, host, co.first_input(args, kwargs), out)
+        return self.state.current().apply(self, host, first_input(args, kwargs), out)
 
     def sync(self, host: nn.Module) -> None:
         """Hook the host only while some adapter here is unmerged: merged LoRA costs nothing."""
@@ -215,7 +217,7 @@ def forget(model: nn.Module) -> None:
         _ensure_hook(model, model._forward_hooks, state.leave, False)
 
 
-def caches(model: nn.Module) -> dict[str, co.LRU]:
+def caches(model: nn.Module) -> dict[str, LRU]:
     """Every cache adapterkit keeps that traffic could grow, by name: the setups ``model`` found valid,
     and the per-row indices and row layouts of ``PerRow``/``BatchSplit``/``Parallel`` (shared by all
     models). Each holds at most its ``maxsize`` entries."""
@@ -289,8 +291,8 @@ class Chain(nn.ModuleList):
     def row_key(self) -> Any:
         return id(self)
 
-    adapt_rows = staticmethod(co.loop_rows)
-    kv_rows = staticmethod(co.loop_kv_rows)
+    adapt_rows = staticmethod(loop_rows)
+    kv_rows = staticmethod(loop_kv_rows)
 
     @property
     def mergeable(self) -> bool:

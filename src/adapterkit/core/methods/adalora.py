@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
-from adapterkit.core.composition import stack_rows
 from adapterkit.core.entries import Entry
+from adapterkit.core.hosts import stack_rows
 from adapterkit.core.methods.base import AdapterConfig, check, find_targets, param_dtype
 from adapterkit.core.methods.delta import WeightDelta
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, targets

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, is_conv1d
-from adapterkit.core.composition import loop_kv_rows, loop_rows, take_rows
+from adapterkit.core.hosts import loop_kv_rows, loop_rows, take_rows
 from adapterkit.core.merge_rules import GENERIC
 from adapterkit.core.state import base_modules
 from adapterkit.errors import AdapterError, ConfigError
@@ -48,7 +48,7 @@ class AdapterModule(nn.Module):
 
     @staticmethod
     def row_tables(modules: list[AdapterModule]) -> list[torch.Tensor] | None:
-        """The group's weights as per-adapter tables (``composition.stack_rows``: one entry per module, the
+        """The group's weights as per-adapter tables (``hosts.stack_rows``: one entry per module, the
         last the identity), or None where its modules cannot compute together. A group's tables are all
         that its rows' batched computation (:meth:`adapt_tables`) reads, so a server stacks them once per
         loaded adapter (:mod:`adapterkit.core.banks`) instead of at every call."""

@@ -27,8 +27,8 @@ from transformers.activations import ACT2FN
 
 from adapterkit.core.adapterhub_spec import HUB, HubFormat, layers, refuse
 from adapterkit.core.arch import ArchSpec, features, find_layers, model_type, spec_for
-from adapterkit.core.composition import map_hidden, put, stack_rows, take
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
+from adapterkit.core.hosts import map_hidden, put, stack_rows, take
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, param_dtype, share
 from adapterkit.core.state import Relay
 

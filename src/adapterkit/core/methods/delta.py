@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.arch import out_in
-from adapterkit.core.composition import stack_rows
+from adapterkit.core.hosts import stack_rows
 from adapterkit.core.methods.base import AdapterModule
 
 

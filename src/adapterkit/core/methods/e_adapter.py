@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, find_layers, spec_for
-from adapterkit.core.composition import map_hidden
+from adapterkit.core.hosts import map_hidden
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, param_dtype
 
 

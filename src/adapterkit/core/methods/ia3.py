@@ -29,8 +29,8 @@ from adapterkit.core.adapterhub_spec import (
     refuse_lora_variants,
 )
 from adapterkit.core.arch import ArchSpec, features, find_layers, out_in, spec_for
-from adapterkit.core.composition import first_input, stack_rows, with_first_input
 from adapterkit.core.entries import Entry, exact_regex, unsupported
+from adapterkit.core.hosts import first_input, stack_rows, with_first_input
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, targets
 from adapterkit.errors import AdapterError

@@ -16,7 +16,7 @@ from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, find_layers, spec_for
 from adapterkit.core.backbone import base_prefix
-from adapterkit.core.composition import hidden, with_hidden
+from adapterkit.core.hosts import hidden, with_hidden
 from adapterkit.core.methods.base import AdapterModule, check, param_dtype
 from adapterkit.core.methods.e_adapter import Branch, BranchConfig, layer_range
 from adapterkit.core.state import Relay

@@ -32,8 +32,8 @@ from adapterkit.core.adapterhub_spec import (
     refuse_lora_variants,
 )
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
-from adapterkit.core.composition import stack_rows
 from adapterkit.core.entries import CONFIG_FILE, Entry, entries, exact_regex, unsupported
+from adapterkit.core.hosts import stack_rows
 from adapterkit.core.merge_rules import GENERIC, MergeRule
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear, param_dtype
 from adapterkit.core.methods.delta import WeightDelta

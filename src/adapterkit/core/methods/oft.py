@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
-from adapterkit.core.composition import first_input, with_first_input
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
+from adapterkit.core.hosts import first_input, with_first_input
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
 from adapterkit.core.peft_spec import PeftFormat, exact_targets, fan_in_fan_out, targets
 

@@ -32,8 +32,8 @@ from adapterkit.core import state as st
 from adapterkit.core.adapterhub_spec import HUB, HubFormat, layers
 from adapterkit.core.arch import ArchSpec, find_layers, spec_for
 from adapterkit.core.backbone import base_prefix
-from adapterkit.core.composition import first_input, gather_rows
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
+from adapterkit.core.hosts import first_input, gather_rows
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 from adapterkit.core.peft_spec import PEFT, PeftFormat, prompt_fields, refuse_gating
 from adapterkit.core.state import SLOT, Relay

@@ -27,8 +27,8 @@ from torch import nn
 from adapterkit.core.adapterhub_spec import HubFormat
 from adapterkit.core.arch import ArchSpec, model_type, spec_for
 from adapterkit.core.backbone import base_prefix
-from adapterkit.core.composition import gather_rows, hidden, with_hidden
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
+from adapterkit.core.hosts import gather_rows, hidden, with_hidden
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype, share
 from adapterkit.core.peft_spec import PeftFormat, prompt_fields
 from adapterkit.core.state import Relay

@@ -23,8 +23,8 @@ from transformers.activations import ACT2FN
 from adapterkit.core.adapterhub_spec import HubFormat
 from adapterkit.core.arch import ArchSpec, find_layers, spec_for
 from adapterkit.core.backbone import base_prefix
-from adapterkit.core.composition import hidden, with_hidden
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
+from adapterkit.core.hosts import hidden, with_hidden
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, call_arguments, check, param_dtype
 from adapterkit.core.state import FIXED, Relay
 
