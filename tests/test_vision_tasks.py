@@ -12,8 +12,8 @@ from PIL import Image
 
 from adapterkit.apps import cli
 from adapterkit.training import DataError, evaluate_output
-from adapterkit.training.image_tasks import open_image
 from adapterkit.training.tables import Table
+from adapterkit.training.tasks.image import open_image
 
 
 def png(array: np.ndarray) -> bytes:
@@ -72,7 +72,7 @@ def table(tmp_path) -> Table:
 
 
 def test_hostile_images_are_clear_errors(tmp_path, monkeypatch):
-    from adapterkit.training.image_tasks import decode_image
+    from adapterkit.training.tasks.image import decode_image
 
     good = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))  # incompressible
     assert open_image(good).size == (64, 64)

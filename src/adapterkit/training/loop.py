@@ -41,7 +41,6 @@ from adapterkit.files import write_folder
 from adapterkit.runs import RUN_CONFIG
 from adapterkit.training import checkpoint as ck
 from adapterkit.training import (
-    image_tasks,  # noqa: F401 (registers image-classification in TASKS)
     logs,
     report,
 )

@@ -24,7 +24,9 @@ from adapterkit.core import images
 from adapterkit.core.images import open_image
 from adapterkit.core.methods import AdapterConfig, ImageConfig, union
 from adapterkit.training.tables import DataError, Table
-from adapterkit.training.tasks import TASKS, Chat, Classification, Example, conversation, pack_batch, pad_batch
+from adapterkit.training.tasks.base import Example, pack_batch, pad_batch
+from adapterkit.training.tasks.lm import Chat, conversation
+from adapterkit.training.tasks.text import Classification
 
 
 class ImageProcessing:
@@ -93,9 +95,6 @@ def _image_bytes(table: Table, row: int, value: Any, column: str) -> tuple[bytes
         return path.read_bytes(), str(path)
     except OSError as e:
         raise table.fail(row, column, f"cannot read {path} ({e.strerror or e})") from e
-
-
-TASKS[ImageClassification.name] = ImageClassification  # imported by training.loop, so make_task finds it
 
 
 class ImageChat(Chat):
@@ -184,6 +183,3 @@ def _features(examples: Sequence[Example]) -> torch.Tensor:
     """The examples' image features in row order, ``(images, tokens, width)`` (rows without images add none)."""
     found = [e["image_features"] for e in examples if e.get("image_features") is not None]
     return torch.from_numpy(np.concatenate(found)) if found else torch.zeros(0, 1)
-
-
-TASKS[ImageChat.name] = ImageChat
