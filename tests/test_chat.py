@@ -10,6 +10,7 @@ import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from adapterkit.apps import cli
+from adapterkit.apps.cli import generation
 from adapterkit.training import DataError, read_table
 from adapterkit.training.loop import epoch_batches
 from adapterkit.training.tasks import IGNORE, Chat
@@ -189,12 +190,12 @@ def test_grouping_by_length_pads_less_and_keeps_every_row_once():
 
 
 def test_the_stream_printer_holds_back_what_may_become_a_stop_string(capsys):
-    printer = cli._printer(tokenizer(), ["STOP", "\x1b"])
+    printer = generation.printer(tokenizer(), ["STOP", "\x1b"])
     for piece in ["fo", "ur ST", "O", "P more"]:
         printer.on_finalized_text(piece)
     printer.on_finalized_text("", stream_end=True)
     assert capsys.readouterr().out == "four \n"
-    printer = cli._printer(tokenizer(), [])
+    printer = generation.printer(tokenizer(), [])
     printer.on_finalized_text("a\x1b[2Jb", stream_end=True)  # a model's escape codes are shown, not obeyed
     assert capsys.readouterr().out == "a\\x1b[2Jb\n"
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 import adapterkit as ak
 from adapterkit.apps import cli
+from adapterkit.apps.cli import common
 from adapterkit.hub import client, protocol
 from adapterkit.hub.store import Store
 
@@ -360,7 +361,7 @@ def test_cli_push_pull_search(hub, tmp_path, capsys, monkeypatch):
         and (path / "adapter.safetensors").read_bytes() == (folder / "adapter.safetensors").read_bytes()
     )
     monkeypatch.setenv("ADAPTERKIT_HUB", hub.url)
-    assert cli._pulled("hub:alice/cli-lora@v1") == str(path)  # `predict --adapter hub:...` reads this folder
+    assert common.pulled("hub:alice/cli-lora@v1") == str(path)  # `predict --adapter hub:...` reads this folder
     assert cli.main(["search", "cli-lora", "--hub", hub.url]) == 0
     assert "alice/cli-lora  lora" in capsys.readouterr().out
     assert cli.main(["push", str(folder), "--name", "alice/x", "--hub", hub.url]) == 2
