@@ -62,11 +62,9 @@ def scores(samples: list[data.Sample], replies: list[str]) -> dict[str, float]:
 
 
 def load_llm(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from adapterkit.core.pretrained import causal_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+    return causal_lm(path, dtype=torch.float32)
 
 
 def main(quick: bool = False, output: str | None = None, threads: int | None = None, work: str | None = None):

@@ -26,7 +26,7 @@ from torch import nn
 from adapterkit.apps import llm_data
 from adapterkit.apps.demo import Run, select_runs, stored_size
 from adapterkit.apps.models import smollm2
-from adapterkit.core import adapters
+from adapterkit.core import adapters, pretrained
 from adapterkit.core.quantize import base_bytes, quantize_base
 from adapterkit.training.answers import evaluate_generations
 from adapterkit.training.fit import Loop, Schedule
@@ -59,15 +59,12 @@ BATCH_SIZE = 8
 
 
 def load(threads: int) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     path = smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), pretrained.tokenizer(path)
 
 
 def train(model: nn.Module, tokenizer, conversations: list, run: Run, seed: int = 0) -> tuple[float, int]:

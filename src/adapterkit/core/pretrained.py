@@ -29,6 +29,25 @@ def from_pretrained(auto_class: Any, source: str | os.PathLike, **kwargs: Any) -
         raise ModelSourceError(explain(getattr(auto_class, "__name__", str(auto_class)), str(source), e)) from e
 
 
+def tokenizer(source: str | os.PathLike, **kwargs: Any) -> Any:
+    """The tokenizer of ``source`` (as :func:`from_pretrained`), padding with its end-of-sequence token where it
+    names no padding token of its own (causal LMs): the one place adapterkit decides that."""
+    from transformers import AutoTokenizer
+
+    loaded = from_pretrained(AutoTokenizer, source, **kwargs)
+    if loaded.pad_token is None and loaded.eos_token is not None:
+        loaded.pad_token = loaded.eos_token
+    return loaded
+
+
+def causal_lm(source: str | os.PathLike, **kwargs: Any) -> tuple[Any, Any]:
+    """``(model in eval mode, tokenizer)`` of a causal LM folder or Hub id: the loader ``generate``, ``chat``,
+    ``serve`` and ``export`` share (``kwargs``: ``from_pretrained``'s, e.g. ``dtype``)."""
+    from transformers import AutoModelForCausalLM
+
+    return from_pretrained(AutoModelForCausalLM, source, **kwargs).eval(), tokenizer(source)
+
+
 def explain(what: str, source: str, error: Exception) -> str:
     """Why ``what`` (e.g. ``AutoTokenizer``) did not load from ``source``, and the fix."""
     if Path(source).expanduser().exists():

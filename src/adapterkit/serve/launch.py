@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from adapterkit.core.device import place, resolve_device
-from adapterkit.core.pretrained import from_pretrained
+from adapterkit.core.pretrained import causal_lm, from_pretrained
 from adapterkit.core.quantize import quantize_base
 from adapterkit.errors import AdapterError
 from adapterkit.hub.client import sweep
@@ -29,7 +29,6 @@ def load(model_dir: str, dtype: str = "fp32", device: str | None = None):
     from transformers import (
         AutoConfig,
         AutoModel,
-        AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
@@ -39,12 +38,10 @@ def load(model_dir: str, dtype: str = "fp32", device: str | None = None):
     weights = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]}
     config = from_pretrained(AutoConfig, model_dir)
     architectures = config.architectures or []
-    tokenizer = from_pretrained(AutoTokenizer, model_dir)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or _decoder_only(config):
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = from_pretrained(AutoModelForCausalLM, model_dir, **weights).eval()
+        model, tokenizer = causal_lm(model_dir, **weights)
         return place(model, resolve_device(device)), tokenizer, CAUSAL
+    tokenizer = from_pretrained(AutoTokenizer, model_dir)
     if device not in (None, "cpu"):
         raise AdapterError(f"--device {device}: an encoder is served on the CPU; leave --device out")
     if any(a.endswith("ForSequenceClassification") for a in architectures):

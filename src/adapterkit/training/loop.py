@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit.core import adapters, io, quantize, routing
+from adapterkit.core import adapters, io, pretrained, quantize, routing
 from adapterkit.core.backbone import head_parameters
 from adapterkit.core.device import default_autocast, place, resolve_device, to_device
 from adapterkit.core.methods import resolve_config
@@ -424,7 +424,6 @@ def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, li
 
     The labels are learned from the training file unless given (evaluating a finished run).
     """
-    from transformers import AutoTokenizer
 
     task = make_task(
         config.task, text_column=config.text_column, label_column=config.label_column, max_length=config.max_length
@@ -438,9 +437,7 @@ def load_data(config: TrainConfig, labels: list | None = None) -> tuple[Task, li
     if preprocessor is not None:
         tokenizer = preprocessor(config.model)
     else:
-        tokenizer = None if task.name == "ctc" else _load(AutoTokenizer, config.model)
-    if tokenizer is not None and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = None if task.name == "ctc" else pretrained.tokenizer(config.model)
     val = task.encode(read_table(config.validation), tokenizer) if config.validation else []
     return task, task.encode(train_table, tokenizer), val, tokenizer or _NoTokenizer()
 

@@ -24,7 +24,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Complete prompts with a causal LM and its adapters; one JSON line per prompt (or streamed text)."""
     from adapterkit.core.generation import generate
 
-    model, tokenizer, names = causal_lm(args.model, args.adapter, args.device)
+    model, tokenizer, names = load_with_adapters(args.model, args.adapter, args.device)
     prompts, chosen = _prompts(args)
     per_prompt = [name or (names[-1] if names else None) for name in chosen] if len(names) > 1 else None
     if args.stream:
@@ -43,7 +43,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation: each line read is a user turn, the answer is streamed back."""
     from adapterkit.core.generation import generate
 
-    model, tokenizer, _ = causal_lm(args.model, args.adapter, args.device)
+    model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("adapterkit chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)
     for line in sys.stdin:
@@ -55,13 +55,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": answer[0]})
 
 
-def causal_lm(model_dir: str, given: Sequence[str], device: str | None = None):
+def load_with_adapters(model_dir: str, given: Sequence[str], device: str | None = None):
     """The base model (a folder or Hub id; or a full fine-tuning run's model) with the adapters ``[NAME=]PATH``
     loaded, on ``device`` (None: CUDA when present)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterkit.core.io import load_adapter
-    from adapterkit.core.pretrained import from_pretrained
+    from adapterkit.core.pretrained import causal_lm
     from adapterkit.runs import adapter_folder, is_run, run_config
 
     folders = [(name, pulled(path)) for name, path in map(named, given)]
@@ -69,10 +68,7 @@ def causal_lm(model_dir: str, given: Sequence[str], device: str | None = None):
     if full and len(folders) > 1:
         raise AdapterError(f"{full[0]} is a full fine-tuning run: it replaces the model, so pass it alone")
     source = str(Path(full[0]) / "model") if full else model_dir
-    model = from_pretrained(AutoModelForCausalLM, source).eval()
-    tokenizer = from_pretrained(AutoTokenizer, source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = causal_lm(source)
     names = [] if full else [load_adapter(model, adapter_folder(path), name, activate=True) for name, path in folders]
     return place(model, device), tokenizer, names
 
