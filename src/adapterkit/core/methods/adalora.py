@@ -24,7 +24,7 @@ from torch import nn
 from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
 from adapterkit.core.entries import Entry
 from adapterkit.core.hosts import stack_rows
-from adapterkit.core.methods.base import AdapterConfig, check, find_targets, param_dtype
+from adapterkit.core.methods.base import AdapterConfig, check, lora_targets, param_dtype
 from adapterkit.core.methods.delta import WeightDelta
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, targets
 from adapterkit.core.state import adapter_modules
@@ -224,7 +224,7 @@ class AdaLoRAConfig(AdapterConfig):
         return self.init_r
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, SVDLoRA]]:
-        names = find_targets(model, self.target_modules or list(spec_for(model, arch).lora_targets))
+        names = lora_targets(model, arch, self.target_modules)
         return [(n, SVDLoRA(model.get_submodule(n), self, self.rank(n))) for n in names]
 
     def training_hook(self, model: nn.Module, name: str, total_step: int) -> RankAllocator:

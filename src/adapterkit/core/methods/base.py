@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, is_conv1d
+from adapterkit.core.arch import ArchSpec, is_conv1d, spec_for
 from adapterkit.core.hosts import loop_kv_rows, loop_rows, take_rows
 from adapterkit.core.merge_rules import GENERIC
 from adapterkit.core.state import base_modules
@@ -222,6 +222,12 @@ def find_targets(
         module = model.get_submodule(name)
         check(any(k(module) for k in kinds), f"cannot adapt {name} ({type(module).__name__}); target {what} modules")
     return names
+
+
+def lora_targets(model: nn.Module, arch: ArchSpec | None, targets: list[str] | str | None) -> list[str]:
+    """The Linear / Conv1D modules ``targets`` names, by default the architecture's LoRA targets (the methods
+    that adapt a linear layer's weight: LoHa, LoKr, VeRA, FourierFT, OFT, BOFT, AdaLoRA)."""
+    return find_targets(model, targets or list(spec_for(model, arch).lora_targets))
 
 
 @functools.cache

@@ -17,10 +17,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
+from adapterkit.core.arch import ArchSpec, features, out_in
 from adapterkit.core.entries import Entry
 from adapterkit.core.hosts import first_input, stack_rows, with_first_input
-from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
+from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, lora_targets, param_dtype
 from adapterkit.core.peft_spec import PeftFormat, exact_targets, fan_in_fan_out, targets
 
 
@@ -179,5 +179,5 @@ class BOFTConfig(AdapterConfig):
         check(self.dropout == 0, "BOFT's multiplicative block dropout is not supported; set dropout=0")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, BOFT]]:
-        names = find_targets(model, self.target_modules or list(spec_for(model, arch).lora_targets))
+        names = lora_targets(model, arch, self.target_modules)
         return [(n, BOFT(model.get_submodule(n), self)) for n in names]

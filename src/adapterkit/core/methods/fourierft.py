@@ -14,9 +14,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, features, spec_for
+from adapterkit.core.arch import ArchSpec, features
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
-from adapterkit.core.methods.base import AdapterConfig, check, find_targets, param_dtype
+from adapterkit.core.methods.base import AdapterConfig, check, lora_targets, param_dtype
 from adapterkit.core.methods.delta import DenseDelta
 from adapterkit.core.peft_spec import PEFT, PeftFormat, exact_targets, fan_in_fan_out, targets
 
@@ -93,5 +93,5 @@ class FourierFTConfig(AdapterConfig):
         check(isinstance(self.n_frequency, int) and self.n_frequency > 0, "n_frequency must be a positive int")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, FourierFT]]:
-        names = find_targets(model, self.target_modules or list(spec_for(model, arch).lora_targets))
+        names = lora_targets(model, arch, self.target_modules)
         return [(n, FourierFT(model.get_submodule(n), self)) for n in names]

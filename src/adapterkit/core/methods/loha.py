@@ -15,9 +15,9 @@ import math
 import torch
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, features, spec_for
+from adapterkit.core.arch import ArchSpec, features
 from adapterkit.core.entries import Entry
-from adapterkit.core.methods.base import AdapterConfig, check, find_targets, param_dtype
+from adapterkit.core.methods.base import AdapterConfig, check, lora_targets, param_dtype
 from adapterkit.core.methods.delta import DenseDelta
 from adapterkit.core.peft_spec import PeftFormat, exact_targets, linear_only, targets
 
@@ -39,7 +39,18 @@ def dropped(module: DenseDelta, delta: torch.Tensor, rank_dropout: float, rescal
     return delta * (keep / keep.mean() if rescale else keep)[:, None]
 
 
-class LoHa(DenseDelta):
+class LycorisDelta(DenseDelta):
+    """A dense delta whose whole update is dropped in training with probability ``module_dropout`` (LyCORIS')."""
+
+    module_dropout = 0.0
+
+    def adapt(self, host, x, out):
+        if self.training and torch.rand(1).item() < self.module_dropout:
+            return out
+        return super().adapt(host, x, out)
+
+
+class LoHa(LycorisDelta):
     """``(..., in) -> (..., out)``: the host's output plus ``delta x``."""
 
     def __init__(self, host: nn.Module, config: LoHaConfig) -> None:
@@ -54,11 +65,6 @@ class LoHa(DenseDelta):
     def delta(self) -> torch.Tensor:
         delta = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
         return dropped(self, delta, self.rank_dropout, rescale=True)
-
-    def adapt(self, host, x, out):
-        if self.training and torch.rand(1).item() < self.module_dropout:
-            return out
-        return super().adapt(host, x, out)
 
 
 def _from_peft(data: dict, model: nn.Module) -> LoHaConfig:
@@ -101,6 +107,5 @@ class LoHaConfig(AdapterConfig):
         check(0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1, "dropouts must be in [0, 1)")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, LoHa]]:
-        targets = self.target_modules or list(spec_for(model, arch).lora_targets)
-        names = find_targets(model, targets)
+        names = lora_targets(model, arch, self.target_modules)
         return [(name, LoHa(model.get_submodule(name), self)) for name in names]

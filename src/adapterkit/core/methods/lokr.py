@@ -15,11 +15,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, features, spec_for
+from adapterkit.core.arch import ArchSpec, features
 from adapterkit.core.entries import Entry
-from adapterkit.core.methods.base import AdapterConfig, check, find_targets, param_dtype
-from adapterkit.core.methods.delta import DenseDelta
-from adapterkit.core.methods.loha import dropped, low_rank
+from adapterkit.core.methods.base import AdapterConfig, check, lora_targets, param_dtype
+from adapterkit.core.methods.loha import LycorisDelta, dropped, low_rank
 from adapterkit.core.peft_spec import PeftFormat, exact_targets, linear_only, targets
 
 
@@ -43,7 +42,7 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
 
 
-class LoKr(DenseDelta):
+class LoKr(LycorisDelta):
     """``(..., in) -> (..., out)``: the host's output plus ``delta x``."""
 
     def __init__(self, host: nn.Module, config: LoKrConfig) -> None:
@@ -60,7 +59,7 @@ class LoKr(DenseDelta):
             self.lokr_w2_a, self.lokr_w2_b = low_rank(b, config.r, d, host)
         else:
             self.lokr_w2 = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(b, d, **kw), a=5**0.5))
-        self.scaling = config.alpha / config.r
+        self.scaling, self.module_dropout = config.alpha / config.r, config.module_dropout
         self.config = config
 
     def factor(self, which: int) -> torch.Tensor:
@@ -71,11 +70,6 @@ class LoKr(DenseDelta):
     def delta(self) -> torch.Tensor:
         delta = kron(self.factor(1), self.factor(2)) * self.scaling
         return dropped(self, delta, self.config.rank_dropout, rescale=self.config.rank_dropout_scale)
-
-    def adapt(self, host, x, out):
-        if self.training and torch.rand(1).item() < self.config.module_dropout:
-            return out
-        return super().adapt(host, x, out)
 
 
 _FIELDS = ("r", "alpha", "rank_dropout", "module_dropout", "decompose_both", "decompose_factor", "rank_dropout_scale")
@@ -113,6 +107,5 @@ class LoKrConfig(AdapterConfig):
         check(self.decompose_factor == -1 or self.decompose_factor > 0, "decompose_factor must be -1 or > 0")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, LoKr]]:
-        targets = self.target_modules or list(spec_for(model, arch).lora_targets)
-        names = find_targets(model, targets)
+        names = lora_targets(model, arch, self.target_modules)
         return [(name, LoKr(model.get_submodule(name), self)) for name in names]

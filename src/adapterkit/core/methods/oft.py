@@ -15,10 +15,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, features, out_in, spec_for
+from adapterkit.core.arch import ArchSpec, features, out_in
 from adapterkit.core.entries import CONFIG_FILE, Entry, unsupported
 from adapterkit.core.hosts import first_input, with_first_input
-from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, param_dtype
+from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, lora_targets, param_dtype
 from adapterkit.core.peft_spec import PeftFormat, exact_targets, fan_in_fan_out, targets
 
 
@@ -162,5 +162,5 @@ class OFTConfig(AdapterConfig):
         check(self.num_cayley_neumann_terms >= 1, "num_cayley_neumann_terms must be >= 1")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, OFT]]:
-        names = find_targets(model, self.target_modules or list(spec_for(model, arch).lora_targets))
+        names = lora_targets(model, arch, self.target_modules)
         return [(n, OFT(model.get_submodule(n), self)) for n in names]

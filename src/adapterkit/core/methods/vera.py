@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterkit.core.arch import ArchSpec, features, spec_for
+from adapterkit.core.arch import ArchSpec, features
 from adapterkit.core.entries import Entry
-from adapterkit.core.methods.base import AdapterConfig, check, find_targets, param_dtype, share
+from adapterkit.core.methods.base import AdapterConfig, check, lora_targets, param_dtype, share
 from adapterkit.core.methods.delta import DenseDelta
 from adapterkit.core.peft_spec import PeftFormat, exact_targets, fan_in_fan_out, targets
 from adapterkit.core.state import FIXED
@@ -118,7 +118,7 @@ class VeRAConfig(AdapterConfig):
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
     def build(self, model: nn.Module, arch: ArchSpec | None) -> list[tuple[str, VeRA]]:
-        names = find_targets(model, self.target_modules or list(spec_for(model, arch).lora_targets))
+        names = lora_targets(model, arch, self.target_modules)
         hosts = [model.get_submodule(n) for n in names]
         fan_in, fan_out = (max(features(h)[i] for h in hosts) for i in (0, 1))
         shared = projections(self, fan_in, fan_out, param_dtype(hosts[0])).to(hosts[0].weight.device)
