@@ -118,7 +118,7 @@ def test_push_pull_load_is_bit_exact_and_works_offline(hub, tmp_path, monkeypatc
     def unreachable(*a, **k):
         raise urllib.error.URLError("offline")
 
-    monkeypatch.setattr(client.OPENER, "open", unreachable)
+    monkeypatch.setattr(client.transport.OPENER, "open", unreachable)
     again = make_model("bert")
     ak.load_adapter(again, "hub:alice/lora@v1", activate=True)
     assert torch.equal(model(x()).logits, again(x()).logits)
@@ -361,7 +361,7 @@ def test_cli_push_pull_search(hub, tmp_path, capsys, monkeypatch):
         and (path / "adapter.safetensors").read_bytes() == (folder / "adapter.safetensors").read_bytes()
     )
     monkeypatch.setenv("ADAPTERKIT_HUB", hub.url)
-    assert common.pulled("hub:alice/cli-lora@v1") == str(path)  # `predict --adapter hub:...` reads this folder
+    assert common.resolved("hub:alice/cli-lora@v1") == str(path)  # `predict --adapter hub:...` reads this folder
     assert cli.main(["search", "cli-lora", "--hub", hub.url]) == 0
     assert "alice/cli-lora  lora" in capsys.readouterr().out
     assert cli.main(["push", str(folder), "--name", "alice/x", "--hub", hub.url]) == 2

@@ -110,7 +110,7 @@ FILES = {"adapter_config.json": b'{"x": 1}', "adapter.safetensors": b"\x08\x00\x
 def test_honest_answers_are_pulled(hostile, cache):
     revision = hostile.serve("eve/ok", FILES)
     folder = client.pull("eve/ok", hostile.url)
-    assert folder == client._place(hostile.url, "eve/ok") / revision
+    assert folder == client.cache.place(hostile.url, "eve/ok") / revision
     assert {p: (folder / p).read_bytes() for p in FILES} == FILES
     assert client.pull(f"eve/ok@{revision}", hostile.url) == folder
 
@@ -183,7 +183,7 @@ def test_downloads_are_bounded(hostile, cache, monkeypatch):
     with pytest.raises(ak.AdapterError, match="more than the 8 bytes expected"):
         client.pull("eve/long", hostile.url)
     # JSON answers are bounded too.
-    monkeypatch.setattr(client, "MAX_ANSWER", 2**20)
+    monkeypatch.setattr(client.transport, "MAX_ANSWER", 2**20)
     hostile.routes["/api/adapters/eve/json"] = (200, {"Connection": "close"}, endless)
     with pytest.raises(ak.AdapterError, match="more than the 1048576 bytes expected"):
         client.card("eve/json", hostile.url)
@@ -364,7 +364,7 @@ def test_max_bytes_refuses_a_revision_before_any_file_is_downloaded(hostile, cac
         client.pull("eve/big", hostile.url, max_bytes=total - 1)
     assert not [path for path, _ in hostile.seen if "/resolve/" in path]  # no file was asked for
     assert cache_files(cache) == []  # no blob, no revision folder, no tag
-    assert client.pull("eve/big", hostile.url, max_bytes=total) == client._place(hostile.url, "eve/big") / revision
+    assert client.pull("eve/big", hostile.url, max_bytes=total) == client.cache.place(hostile.url, "eve/big") / revision
     # A revision pulled before is held to the limit too (a server's limit holds whatever its cache has).
     with pytest.raises(ak.AdapterError, match="over the limit"):
         client.pull(f"eve/big@{revision}", hostile.url, max_bytes=total - 1)
@@ -428,7 +428,7 @@ def test_same_origin_follows_no_redirect_away_from_the_hub(hostile, cache):
             assert not (client.cache_root() / "blobs").exists() or not [
                 p for p in (client.cache_root() / "blobs").iterdir() if p.name.startswith(".tmp-")
             ]
-        assert not client._place(hostile.url, "eve/away").exists()  # nothing of the revision was kept
+        assert not client.cache.place(hostile.url, "eve/away").exists()  # nothing of the revision was kept
         # Within the origin, redirects are followed and keep the token.
         hostile.serve("eve/here", FILES)
         hostile.routes["/api/adapters/eve/moved"] = (307, {"Location": "/api/adapters/eve/here"}, b"")

@@ -11,17 +11,14 @@ from adapterkit.errors import AdapterError
 def adapter_source(value: str) -> tuple[str | None, Path]:
     """``[NAME=]PATH``: an adapter folder (adapterkit, peft, AdapterHub), an ``adapterkit train`` output or a
     ``hub:owner/name[@tag]`` reference (pulled into the cache): the name and the adapter's folder."""
-    from adapterkit.hub.client import pull
-    from adapterkit.runs import adapter_folder
+    from adapterkit.hub.client import is_ref, resolve
 
     name, sep, path = value.partition("=")
     if not sep or "/" in name:
         name, path = None, value
-    if path.startswith("hub:"):
-        path = str(pull(path))
-    if not Path(path).exists():
+    if not is_ref(path) and not Path(path).exists():
         raise AdapterError(f"--adapter {value!r}: no such folder")
-    return name or None, adapter_folder(path)
+    return name or None, resolve(path)
 
 
 def num_labels(head: dict[str, list[int]]) -> int | None:

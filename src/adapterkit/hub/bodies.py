@@ -6,11 +6,18 @@ read a declared body first, whole), so the schema names these models through :fu
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from adapterkit.hub.protocol import Card
+from adapterkit.hub.safety import HubError
+from adapterkit.hub.store import Limits
+
+SMALL_BODY = 64 * 2**10  # create-repo: a name and a few flags
+PREUPLOAD_BODY = 2**20  # preupload: up to 256 paths with a 512-byte sample each
 
 
 class Upload(BaseModel):
@@ -75,3 +82,16 @@ class Commit(RootModel[list[Operation]]):
 
 
 BODIES = (Upload, NewRepo, Preupload, Commit)
+
+
+def upload_cap(limits: Limits) -> int:
+    """The largest upload body: the files' bound, grown 4/3 by base64, plus the JSON around them."""
+    return limits.max_upload_bytes * 4 // 3 + 2**20
+
+
+def decoded(path: str, data: str) -> bytes:
+    """A file's base64 content from a body; 400 naming the file where it is not base64."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HubError(400, f"{path!r}: not base64 ({e})") from None

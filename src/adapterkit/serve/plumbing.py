@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterkit.errors import AdapterError, shown
+from adapterkit.hub.client import is_ref
 from adapterkit.hub.protocol import parse_json, reason
 from adapterkit.serve.registry import AdapterUnavailable, Registry
 from adapterkit.serve.tokenizers import Tokenizers
@@ -239,7 +240,7 @@ def adapter_source(s: State, model: str) -> str | None:
     """The source of the adapter ``model`` names (None: the base model); 404 for a name not served."""
     if model == s.name or model in s.aliases:
         return None
-    if model.startswith("hub:") and model not in s.registry.sources:
+    if is_ref(model) and model not in s.registry.sources:
         if not s.allow_hub_refs:
             raise ApiError(404, "hub references are not served here (the server runs without --allow-hub-refs)",
                            param="model", code="model_not_found")  # fmt: skip

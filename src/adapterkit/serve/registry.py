@@ -38,7 +38,6 @@ from adapterkit.core import adapters, io
 from adapterkit.core.backbone import head_parameters
 from adapterkit.errors import AdapterError, shown
 from adapterkit.hub import client
-from adapterkit.runs import adapter_folder
 
 
 class AdapterUnavailable(AdapterError):
@@ -227,16 +226,14 @@ class Registry:
 
     async def _fetched(self, source: str) -> Path:
         """The adapter's folder: a hub download on the fetch pool, a local folder at once."""
-        if source.startswith("hub:"):
+        if client.is_ref(source):
             return await asyncio.wrap_future(self.fetches.submit(self._fetch, source))
         return self._fetch(source)
 
     def _fetch(self, source: str) -> Path:
         """The adapter's folder on this machine (pulled and verified for a hub reference)."""
         try:
-            if source.startswith("hub:"):
-                return client.pull(source, hub=self.hub, max_bytes=self.bounds.max_bytes, same_origin=True)
-            return adapter_folder(source)
+            return client.resolve(source, self.hub, max_bytes=self.bounds.max_bytes, same_origin=True)
         except Exception as e:  # noqa: BLE001
             self.on_event("load_failure")
             raise AdapterUnavailable(f"the adapter {shown(source)!r} cannot be fetched: {shown(str(e))[:500]}") from e
@@ -299,9 +296,9 @@ class Registry:
 def check_source(source: str) -> None:
     """A hub reference that parses, or a folder that holds an adapter; else :class:`AdapterUnavailable`."""
     try:
-        if source.startswith("hub:"):
+        if client.is_ref(source):
             client.parse_ref(source)
         else:
-            io.inspect_adapter(adapter_folder(source))
+            io.inspect_adapter(client.resolve(source))
     except (AdapterError, OSError, ValueError, KeyError) as e:
         raise AdapterUnavailable(f"{shown(source)!r} is not an adapter: {shown(str(e))[:500]}") from None

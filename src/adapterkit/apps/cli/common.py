@@ -37,13 +37,12 @@ def computing(model, autocast: str | None = None):
     return autocast_context(device, default_autocast(autocast, device))
 
 
-def pulled(path: str) -> str:
-    """A ``hub:owner/name[@rev]`` reference becomes its folder in the local cache."""
-    if not path.startswith("hub:"):
-        return path
-    from adapterkit.hub import pull
+def resolved(path: str) -> str:
+    """A ``hub:owner/name[@rev]`` reference becomes its folder in the local cache; a path stays itself
+    (an ``adapterkit train`` output keeps its run files in view)."""
+    from adapterkit.hub.client import is_ref, resolve
 
-    return str(pull(path))
+    return str(resolve(path)) if is_ref(path) else path
 
 
 def named(value: str) -> tuple[str | None, str]:

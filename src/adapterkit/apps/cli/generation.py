@@ -14,8 +14,8 @@ from adapterkit.apps.cli.common import (
     device_option,
     named,
     place,
-    pulled,
     read_rows,
+    resolved,
 )
 from adapterkit.errors import AdapterError, shown
 
@@ -63,7 +63,7 @@ def load_with_adapters(model_dir: str, given: Sequence[str], device: str | None 
     from adapterkit.core.pretrained import causal_lm
     from adapterkit.runs import adapter_folder, is_run, run_config
 
-    folders = [(name, pulled(path)) for name, path in map(named, given)]
+    folders = [(name, resolved(path)) for name, path in map(named, given)]
     full = [path for _, path in folders if is_run(path) and run_config(path).get("full_finetune")]
     if full and len(folders) > 1:
         raise AdapterError(f"{full[0]} is a full fine-tuning run: it replaces the model, so pass it alone")

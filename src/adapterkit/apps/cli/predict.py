@@ -12,8 +12,8 @@ from adapterkit.apps.cli.common import (
     named,
     num_labels,
     place,
-    pulled,
     read_texts,
+    resolved,
 )
 from adapterkit.errors import AdapterError
 
@@ -26,7 +26,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from adapterkit.runs import adapter_folder, is_run, run_config
 
     folders = [named(value) for value in args.adapter]
-    folders = [(name, pulled(path)) for name, path in folders]
+    folders = [(name, resolved(path)) for name, path in folders]
     runs = [run_config(path) for _, path in folders if is_run(path)]
     folders = [(name, str(adapter_folder(path))) for name, path in folders]
     heads = [info["head"] for info in map(inspect_adapter, [path for _, path in folders]) if info["head"]]
