@@ -50,6 +50,7 @@ from torch import nn
 
 from adapterkit.core.generation import end_tokens
 from adapterkit.errors import AdapterError
+from adapterkit.serve import defaults
 from adapterkit.serve.attention import check_model
 from adapterkit.serve.detokenizer import TextDeltas
 from adapterkit.serve.runner import Runner
@@ -61,7 +62,6 @@ __all__ = ["Chunk", "Engine", "QueueFull", "Sampling", "Stream", "TextDeltas"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 ERROR_TEXT = 300  # characters of an exception's message passed on to the client
-PREFILL_CHUNK = 64  # prompt positions per prefill forward (benchmarks/serve_load.py: long-prompt ITL)
 
 
 class NonFinite(AdapterError):
@@ -81,10 +81,10 @@ class Engine:
         model: nn.Module,
         tokenizer,
         *,
-        max_batch: int = 16,
-        max_queue: int = 256,
-        max_context: int = 2048,
-        prefill_chunk: int = PREFILL_CHUNK,
+        max_batch: int = defaults.MAX_BATCH,
+        max_queue: int = defaults.MAX_QUEUE,
+        max_context: int = defaults.MAX_CONTEXT,
+        prefill_chunk: int = defaults.PREFILL_CHUNK,
     ):
         if max_batch < 1 or max_queue < 0 or max_context < 2 or prefill_chunk < 1:
             raise AdapterError(

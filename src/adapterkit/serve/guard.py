@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from adapterkit.errors import AdapterError
+from adapterkit.serve import defaults
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,11 @@ def _guarded(app: ASGIApp, timeouts: Timeouts) -> dict[str, Any]:
 
 
 def uvicorn_config(
-    app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, timeouts: Timeouts | None = None, **uvicorn_kwargs: Any
+    app: ASGIApp,
+    host: str = defaults.HOST,
+    port: int = defaults.PORT,
+    timeouts: Timeouts | None = None,
+    **uvicorn_kwargs: Any,
 ) -> uvicorn.Config:
     """A uvicorn Config of ``app`` with both deadlines (``uvicorn.Server(config).run()`` serves it); any other
     uvicorn option (not ``http``) passes through."""
@@ -219,7 +224,11 @@ def uvicorn_config(
 
 
 def run(
-    app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, timeouts: Timeouts | None = None, **uvicorn_kwargs: Any
+    app: ASGIApp,
+    host: str = defaults.HOST,
+    port: int = defaults.PORT,
+    timeouts: Timeouts | None = None,
+    **uvicorn_kwargs: Any,
 ) -> None:
     """``uvicorn.run`` of ``app`` with both deadlines; any other uvicorn option (not ``http``) passes through."""
     uvicorn.run(**_guarded(app, timeouts or Timeouts()), host=host, port=port, **uvicorn_kwargs)

@@ -13,6 +13,7 @@ from adapterkit.core.pretrained import causal_lm, from_pretrained
 from adapterkit.core.quantize import quantize_base
 from adapterkit.errors import AdapterError
 from adapterkit.hub.client import sweep
+from adapterkit.serve import defaults
 from adapterkit.serve.app import create_app
 from adapterkit.serve.guard import Timeouts, run
 from adapterkit.serve.plumbing import CAUSAL, ENCODER, Limits, read_keys
@@ -73,17 +74,19 @@ class Options:
     hub: str | None = None
     allow_hub_refs: bool = False
     api_key_file: str | None = None
-    max_batch: int = 16
-    max_queue: int = 256
-    max_context: int = 2048
-    max_adapters: int = 32
-    max_adapter_bytes: int = 2**30
+    max_batch: int = defaults.MAX_BATCH
+    max_queue: int = defaults.MAX_QUEUE
+    max_context: int = defaults.MAX_CONTEXT
+    max_adapters: int = defaults.MAX_ADAPTERS
+    max_adapter_bytes: int = defaults.MAX_ADAPTER_BYTES
     limits: Limits = Limits()
     public_metrics: bool = False
     dtype: str = "fp32"  # the base's weights: fp32, bf16 (AVX512-BF16 CPUs: ~3x faster matmuls) or fp16
     quantize: str | None = None  # "int8" / "int4": the base's Linear weights through torchao (core.quantize)
     timeouts: Timeouts = Timeouts()  # slow clients: a request's head and body (serve.guard)
-    prefill_chunk: int = 64  # prompt positions per prefill forward, and per step while others decode
+    prefill_chunk: int = (
+        defaults.PREFILL_CHUNK
+    )  # prompt positions per prefill forward, and per step while others decode
     device: str | None = None  # a causal LM's: cpu, cuda, cuda:N (None: CUDA when present); encoders: the CPU
     router: str | None = None  # "auto=DIR" or "auto=PATH,PATH": a model that picks the adapter (serve.routed)
     router_threshold: float | None = None  # its "none of them" score (default: RouterConfig's)
@@ -129,7 +132,7 @@ def _auto(model, tokenizer, kind: str, options: Options) -> tuple[AutoRoute | No
     return route, {**served, **options.adapters}
 
 
-def serve(model_dir: str, options: Options, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model_dir: str, options: Options, host: str = defaults.HOST, port: int = defaults.PORT) -> None:
     """Run the server until SIGINT/SIGTERM (which drain running requests)."""
     # As the hub: idle keep-alive connections close after 5 s; past 512 connections at once, 503s; a
     # request's head and body have their time limits (options.timeouts)

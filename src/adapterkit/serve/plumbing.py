@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapterkit.errors import AdapterError, shown
 from adapterkit.hub.client import is_ref
 from adapterkit.hub.protocol import parse_json, reason
+from adapterkit.serve import defaults
 from adapterkit.serve.registry import AdapterUnavailable, Registry
 from adapterkit.serve.tokenizers import Tokenizers
 from adapterkit.web import bearer_token, bounded_body
@@ -34,9 +35,9 @@ CAUSAL, ENCODER = "causal", "encoder"
 class Limits:
     """What one request may ask of the server."""
 
-    max_tokens: int = 1024  # max_tokens (max_completion_tokens) above this: 400
-    max_prompt_tokens: int = 2048  # a prompt (after the chat template) longer than this: 400
-    request_timeout: float = 600.0  # seconds from arrival to the last token; then the generation is cancelled
+    max_tokens: int = defaults.MAX_TOKENS
+    max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS
+    request_timeout: float = defaults.REQUEST_TIMEOUT
     max_body_bytes: int = 4 * 2**20  # a body over this: 413, before it is read
     retry_after: int = 1  # seconds a 429 asks the client to wait
 

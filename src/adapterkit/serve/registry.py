@@ -38,6 +38,7 @@ from adapterkit.core import adapters, io
 from adapterkit.core.backbone import head_parameters
 from adapterkit.errors import AdapterError, shown
 from adapterkit.hub import client
+from adapterkit.serve import defaults
 
 
 class AdapterUnavailable(AdapterError):
@@ -60,8 +61,8 @@ class Runner(Protocol):
 class Bounds:
     """How many adapters, and how many bytes of adapter weights, stay loaded while idle."""
 
-    max_adapters: int = 32
-    max_bytes: int = 2**30
+    max_adapters: int = defaults.MAX_ADAPTERS
+    max_bytes: int = defaults.MAX_ADAPTER_BYTES
 
     def __post_init__(self) -> None:
         if self.max_adapters < 1 or self.max_bytes < 1:

@@ -8,6 +8,7 @@ from adapterkit.apps.cli.common import (
     MODEL_HELP,
 )
 from adapterkit.errors import AdapterError
+from adapterkit.serve import defaults
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -44,21 +45,32 @@ def add_parsers(sub) -> None:
                    "its text by the adapters' routing signatures (e.g. auto=out/)")  # fmt: skip
     v.add_argument("--router-threshold", type=float, help="the router's score above which the base model answers")
     v.add_argument("--allow-hub-refs", action="store_true", help="a request's model may be hub:owner/name@tag")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default=defaults.HOST)
+    v.add_argument("--port", type=int, default=defaults.PORT)
     v.add_argument("--api-key-file", help="API keys, one a line (kept hashed); without it no key is needed")
     v.add_argument("--public-metrics", action="store_true", help="/metrics and /openapi.json need no API key")
     v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="the base model's weights")
     v.add_argument("--quantize", choices=["int8", "int4"], help="the base's Linear weights in int8/int4 (torchao)")
-    v.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    v.add_argument("--max-queue", type=int, default=256, help="requests waiting; past it 429")
-    v.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one sequence")
-    v.add_argument("--prefill-chunk", type=int, default=64,
+    v.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH, help="sequences decoded together")
+    v.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE, help="requests waiting; past it 429")
+    v.add_argument(
+        "--max-context", type=int, default=defaults.MAX_CONTEXT, help="prompt + completion tokens of one sequence"
+    )
+    v.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens per prefill forward, and per step while others decode")  # fmt: skip
-    v.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    v.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (tokens)")
-    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds; then the generation is cancelled")
-    v.add_argument("--max-adapters", type=int, default=32, help="adapters kept loaded while idle")
-    v.add_argument("--max-adapter-mb", type=float, default=1024,
+    v.add_argument(
+        "--max-tokens-limit", type=int, default=defaults.MAX_TOKENS, help="largest max_tokens a request may ask"
+    )
+    v.add_argument(
+        "--max-prompt-tokens", type=int, default=defaults.MAX_PROMPT_TOKENS, help="longest prompt accepted (tokens)"
+    )
+    v.add_argument(
+        "--request-timeout",
+        type=float,
+        default=defaults.REQUEST_TIMEOUT,
+        help="seconds; then the generation is cancelled",
+    )
+    v.add_argument("--max-adapters", type=int, default=defaults.MAX_ADAPTERS, help="adapters kept loaded while idle")
+    v.add_argument("--max-adapter-mb", type=float, default=defaults.MAX_ADAPTER_BYTES / 2**20,
                    help="adapter weights kept loaded while idle; also the largest hub download")  # fmt: skip
     v.set_defaults(func=cmd_serve)
