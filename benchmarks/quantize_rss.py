@@ -41,7 +41,7 @@ def mark(name):
 import torch
 from adapterkit.apps import cli
 from adapterkit.core import quantize
-from adapterkit.training import loop
+from adapterkit.training import loop, models
 mark("imports")
 def wrap(owner, name, label):
     inner = getattr(owner, name)
@@ -50,13 +50,13 @@ def wrap(owner, name, label):
         mark(label)
         return out
     setattr(owner, name, wrapper)
-wrap(loop, "task_model", "load")
+wrap(models, "task_model", "load")
 wrap(quantize, "quantize_base", "quantize")
 wrap(loop, "build_model", "build")
 after_step = loop.Run._after_step
 def step_end(self, *a, **k):
     after_step(self, *a, **k)
-    mark("step 1" if self.position["step"] == 1 else f"step {self.position['step']}")
+    mark("step 1" if self.loop.position.step == 1 else f"step {self.loop.position.step}")
 loop.Run._after_step = step_end
 code = cli.main(sys.argv[1:])
 mark("end")

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from adapterkit.apps import cli
 from adapterkit.apps.cli import generation
 from adapterkit.training import DataError, read_table
-from adapterkit.training.loop import epoch_batches
+from adapterkit.training.data import epoch_batches
 from adapterkit.training.tasks import IGNORE, Chat
 
 WORDS = [

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from adapterkit.training.fit import Loop, Schedule
+from adapterkit.training.fit import Loop, Position, Schedule
 
 from conftest import source_lines
 
@@ -32,7 +32,7 @@ def test_the_schedule_is_transformers_linear_warmup_and_decay():
         reference.step()
         expected.step()
         assert rates.pop(0) == pytest.approx(expected.get_last_lr()[0])
-    assert loop.position == {"step": 20, "epoch": 5, "batch": 0}
+    assert loop.position == Position(step=20, epoch=5, batch=0)
 
 
 class Killed(Exception):
@@ -53,13 +53,13 @@ def test_a_run_continues_from_its_position():
             return torch.nn.functional.mse_loss(model(x[rows]), y[rows])
 
         def on_step(*args):
-            if loop.position["step"] == kill_at:
+            if loop.position.step == kill_at:
                 raise Killed
 
         if kill_at:
             with pytest.raises(Killed):
                 loop.run(batches, loss, on_step, show=False)
-            assert loop.position == {"step": 7, "epoch": 1, "batch": 2}
+            assert loop.position == Position(step=7, epoch=1, batch=2)
         loop.run(batches, loss, show=False)
         return model.weight.detach().clone()
 
@@ -72,7 +72,7 @@ def test_on_epoch_can_stop_early():
     seen = []
     loop.run(lambda e: [slice(0, 20), slice(20, 40)], lambda s: model(x[s]).pow(2).mean(),
              on_epoch=lambda epoch: seen.append(epoch) or epoch == 2, show=False)  # fmt: skip
-    assert seen == [0, 1, 2] and loop.position["step"] == 6
+    assert seen == [0, 1, 2] and loop.position.step == 6
 
 
 def test_one_loop_in_the_package():

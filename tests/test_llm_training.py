@@ -20,7 +20,8 @@ from adapterkit.core.composition import PerRow
 from adapterkit.core.methods import PRESETS
 from adapterkit.errors import AdapterError
 from adapterkit.training import TrainConfig, read_table, train
-from adapterkit.training.loop import checkpoint_layers, micro_batches
+from adapterkit.training.data import micro_batches
+from adapterkit.training.models import checkpoint_layers
 from adapterkit.training.precision import Precision
 from adapterkit.training.tasks import IGNORE, CausalLM, Chat, pack_batch
 

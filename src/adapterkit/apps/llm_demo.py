@@ -29,8 +29,8 @@ from adapterkit.apps.models import smollm2
 from adapterkit.core import adapters, pretrained
 from adapterkit.core.quantize import base_bytes, quantize_base
 from adapterkit.training.answers import evaluate_generations
+from adapterkit.training.data import epoch_batches
 from adapterkit.training.fit import Loop, Schedule
-from adapterkit.training.loop import epoch_batches
 from adapterkit.training.tables import Table
 from adapterkit.training.tasks import Chat
 

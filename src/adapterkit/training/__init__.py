@@ -12,7 +12,10 @@ from adapterkit.core.device import place, resolve_device
 from adapterkit.errors import AdapterError
 from adapterkit.runs import RUN_CONFIG, adapter_folder, is_run, run_config
 from adapterkit.training.answers import SCORERS, evaluate_generations
-from adapterkit.training.loop import TrainConfig, evaluate, load_data, task_model, train
+from adapterkit.training.config import TrainConfig
+from adapterkit.training.data import load_data
+from adapterkit.training.loop import train
+from adapterkit.training.models import evaluate, task_model
 from adapterkit.training.report import compare
 from adapterkit.training.tables import DataError, read_table
 from adapterkit.training.tasks import TASKS, conversation

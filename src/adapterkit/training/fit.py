@@ -32,6 +32,15 @@ class Schedule:
             raise ValueError(f"a schedule needs lr >= 0, steps >= 1 and warmup in [0, 1): {self}")
 
 
+@dataclasses.dataclass
+class Position:
+    """Where a loop is: steps taken, and the next batch (``batch``-th of pass ``epoch``) to train on."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
 def method_hooks(model: nn.Module, steps: int) -> list[Any]:
     """The training hooks (``AdapterConfig.training_hook``: AdaLoRA's rank allocation) of the adapters of
     ``model`` that train, for a run of ``steps`` steps."""
@@ -48,7 +57,7 @@ def method_hooks(model: nn.Module, steps: int) -> list[Any]:
 class Loop:
     """Train ``params`` (a list, or AdamW parameter groups with their own ``lr``) on ``schedule``.
 
-    ``position`` (step, epoch, batch) may be shared with a caller that checkpoints it; modules in
+    ``position`` (:class:`Position`): where to start, e.g. a resumed run's; the loop advances it. Modules in
     ``modules`` are put in train mode at each epoch's start (evaluation leaves them in eval mode).
     ``scaler`` (a :class:`torch.amp.GradScaler`, for fp16) scales each loss before its backward.
     ``hooks``: what the trained adapters' methods run (``AdapterConfig.training_hook``): each ``regularizer()``
@@ -60,7 +69,7 @@ class Loop:
         params: Iterable[nn.Parameter] | Sequence[dict[str, Any]],
         schedule: Schedule,
         modules: Sequence[nn.Module] = (),
-        position: dict[str, Any] | None = None,
+        position: Position | None = None,
         scaler: torch.amp.GradScaler | None = None,
         hooks: Sequence[Any] = (),
     ) -> None:
@@ -72,9 +81,7 @@ class Loop:
         self.optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
         warmup = max(1, int(schedule.warmup * schedule.steps))
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, schedule.steps)
-        self.position = position if position is not None else {}
-        for key in ("step", "epoch", "batch"):
-            self.position.setdefault(key, 0)
+        self.position = position if position is not None else Position()
         self.last: dict[str, Any] = {}  # the last step's learning rate and gradient norm (a tensor), for logs
 
     def step(self, loss: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
@@ -104,7 +111,7 @@ class Loop:
             self.scaler.update()
         self.scheduler.step()
         for hook in self.hooks:
-            hook.update(self.position["step"])
+            hook.update(self.position.step)
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
@@ -126,23 +133,23 @@ class Loop:
         ``status()`` adds fields to the progress bar after each step (e.g. tokens/s); the bar shows the ETA.
         """
         pos, spent = self.position, 0.0
-        bar = tqdm(total=self.schedule.steps, initial=pos["step"], desc=label, disable=not show, mininterval=2.0)
+        bar = tqdm(total=self.schedule.steps, initial=pos.step, desc=label, disable=not show, mininterval=2.0)
         stopped = False
-        while pos["step"] < self.schedule.steps and not stopped:
+        while pos.step < self.schedule.steps and not stopped:
             for module in self.modules:
                 module.train()
-            epoch = batches(pos["epoch"])
-            while pos["batch"] < len(epoch) and pos["step"] < self.schedule.steps:
+            epoch = batches(pos.epoch)
+            while pos.batch < len(epoch) and pos.step < self.schedule.steps:
                 clock = time.perf_counter()
-                value = self.step(loss(epoch[pos["batch"]]))
-                pos["step"], pos["batch"] = pos["step"] + 1, pos["batch"] + 1
+                value = self.step(loss(epoch[pos.batch]))
+                pos.step, pos.batch = pos.step + 1, pos.batch + 1
                 if on_step:
-                    on_step(value, epoch[pos["batch"] - 1], time.perf_counter() - clock)
+                    on_step(value, epoch[pos.batch - 1], time.perf_counter() - clock)
                 spent += time.perf_counter() - clock
                 shown = {"loss": f"{value.item():.4f}", "s_per_step": f"{spent / max(1, bar.n + 1):.2f}"}
                 bar.set_postfix(shown | (status() if status else {}))
                 bar.update()
-            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            stopped = bool(on_epoch and on_epoch(pos["epoch"] - 1))
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            stopped = bool(on_epoch and on_epoch(pos.epoch - 1))
         bar.close()
         return spent

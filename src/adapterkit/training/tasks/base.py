@@ -23,7 +23,7 @@ class Task(abc.ABC):
     auto_class: ClassVar[str]  # the transformers Auto* class
     metrics: ClassVar[tuple[str, ...]]  # the first is the default selection metric
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
-    group_by_length: ClassVar[bool] = False  # batch examples of similar length (see ``training.loop.epoch_batches``)
+    group_by_length: ClassVar[bool] = False  # batch examples of similar length (see ``training.data.epoch_batches``)
     packs: ClassVar[bool] = False  # ``pack`` works: the model keeps examples apart by their position ids
 
     def __init__(self, text_column: str, label_column: str, max_length: int, labels: list[str] | None = None):
