@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit.core.methods import bottleneck, ia3, lora, prefix, prompt
+from adapterkit.core.methods import bottleneck_layers, ia3, lora, prefix, prompt
 from adapterkit.errors import AdapterError, ConfigError
 
 from conftest import ARCHS, first_output, make_inputs, make_model, randomize_adapters
@@ -94,9 +94,9 @@ def test_whole_batch_methods_refuse_per_row(arch, preset, reason):
 
 BATCHED = [
     ("lora", lora.LoRA, "adapt"),
-    ("pfeiffer", bottleneck.NormAdapter, "adapt"),
-    ("houlsby", bottleneck.SequentialAdapter, "adapt"),
-    ("parallel", bottleneck.ParallelAdapter, "adapt"),
+    ("pfeiffer", bottleneck_layers.NormAdapter, "adapt"),
+    ("houlsby", bottleneck_layers.SequentialAdapter, "adapt"),
+    ("parallel", bottleneck_layers.ParallelAdapter, "adapt"),
     ("ia3", ia3.IA3Output, "adapt"),
     ("ia3", ia3.IA3Input, "adapt_inputs"),
     ("prefix", prefix.Prefix, "kv_prefix"),
