@@ -357,12 +357,12 @@ def test_a_middle_layer_stops_the_forward_there_and_equals_the_full_hidden_state
         full = model(**batch, output_hidden_states=True).hidden_states
         depth = len(full)
         for index in range(depth - 1):  # the last is normalised by the model: the full forward gives it
-            found, got_depth = routing._states(model, dict(batch), [index])
+            found, got_depth = routing.inputs._states(model, dict(batch), [index])
             assert got_depth == depth
             torch.testing.assert_close(found[index], full[index], rtol=0, atol=0)
     ran = []
-    handle = routing._blocks(model)[-1].register_forward_hook(lambda *_: ran.append(1))
+    handle = routing.inputs._blocks(model)[-1].register_forward_hook(lambda *_: ran.append(1))
     with torch.no_grad():
-        routing._states(model, dict(batch), [1])  # block 0's output
+        routing.inputs._states(model, dict(batch), [1])  # block 0's output
     handle.remove()
     assert depth == 5 and ran == []  # the deepest block never ran
