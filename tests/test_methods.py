@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.core.arch import out_in
 from adapterkit.core.backbone import base_prefix
+from adapterkit.core.methods import loftq
 from adapterkit.core.state import is_trainable_param
 
 from conftest import ARCHS, SPEECH_ARCHS, first_output, make_inputs, make_model, randomize_adapters
@@ -35,12 +37,27 @@ PRESETS = [
     "fourierft",
     "pissa",
     "olora",
+    "loftq",
     "oft",
     "boft",
     "p_tuning",
     "adalora",
     "loreft",
 ]
+QUANTIZED_BASE = {"loftq"}  # presets that quantize their hosts' weights while they last
+
+
+def quantized_twin(arch: str, adapted: torch.nn.Module) -> torch.nn.Module:
+    """A fresh ``arch`` model with the weights of ``adapted``'s LoftQ hosts rounded to NF4, independently."""
+    twin = make_model(arch)
+    for name, module in adapted.named_modules():
+        if hasattr(module, loftq.ORIGINAL):
+            host = twin.get_submodule(name)
+            with torch.no_grad():
+                out_in(host, host.weight).copy_(loftq.nf4(out_in(host, host.weight)))
+    return twin
+
+
 # Refused with a reason (tests below): prompts need tokens; P-adapters need convolutional features.
 REFUSED = {
     (a, p): "prompt tuning prepends vectors to a token sequence" for a in SPEECH_ARCHS for p in ("prompt", "p_tuning")
@@ -84,6 +101,8 @@ def test_adapter_changes_output_and_disable_restores_base(arch, preset):
     inputs = make_inputs(arch)
     base = first_output(model(**inputs))
     ak.add_adapter(model, "a", preset, activate=True)
+    if preset in QUANTIZED_BASE:  # LoftQ's base is the quantized one while the adapter lasts (test_loftq.py)
+        base = first_output(quantized_twin(arch, model)(**inputs))
     randomize_adapters(model)
     adapted = first_output(model(**inputs))
     assert not torch.allclose(adapted, base, rtol=1e-3, atol=0)

@@ -58,6 +58,7 @@ MORE_RUNS = [  # `--methods all`: every other family
     # the methods peft has that came later (issue 29); learning rates from their papers' and peft's examples
     Run("pissa (r=8)", "pissa", lr=1e-4, epochs=1.75),
     Run("olora (r=8)", "olora", lr=1e-4, epochs=1.75),
+    Run("loftq (r=8, NF4 base)", "loftq", lr=1e-3, epochs=1.75),
     Run("loha (r=8)", "loha", lr=1e-3, epochs=1.75),
     Run("lokr (r=8)", "lokr", lr=1e-3, epochs=1.75),
     Run("adalora (12->8)", "adalora", lr=1e-3, epochs=1.75),

@@ -75,6 +75,7 @@ PRESETS: dict[str, AdapterConfig] = {
     "dora": LoRAConfig(use_dora=True),
     "pissa": LoRAConfig(init_weights="pissa"),
     "olora": LoRAConfig(init_weights="olora"),
+    "loftq": LoRAConfig(init_weights="loftq"),
     "loha": LoHaConfig(),
     "lokr": LoKrConfig(),
     "vera": VeRAConfig(),

@@ -24,28 +24,36 @@ from adapterkit.core.arch import ArchSpec, spec_for
 from adapterkit.core.entries import CONFIG_FILE, Entry, entries, exact_regex, unsupported
 from adapterkit.core.merge_rules import GENERIC, MergeRule
 from adapterkit.core.methods.base import AdapterConfig, AdapterModule, check, find_targets, is_linear
+from adapterkit.core.methods.loftq import BITS, start_lora
 from adapterkit.core.methods.lora_layers import RESIDUAL, DoRA, LoRA, LoRAConv, LoRAEmbedding, is_conv, make_lora
 from adapterkit.core.methods.lora_params import LoRAParams, find_parameters
 from adapterkit.core.peft_spec import PeftFormat, fan_in_fan_out, refuse_gating, targets
+from adapterkit.core.quantize import is_quantized
 from adapterkit.core.state import FIXED
 from adapterkit.errors import ConfigError
 
+OWN_INITS = (*RESIDUAL, "loftq")  # the inits adapterkit computes from the host weight, peft's names
 __all__ = ["RESIDUAL", "DoRA", "LoRA", "LoRAConfig", "LoRAConv", "LoRAEmbedding", "make_lora"]
 
 
-# peft's inits that leave the base weights as they are (the file's A and B replace the values); PiSSA and OLoRA
-# change them, which adapterkit reproduces; the others (pissa_niter_*, loftq, corda, lora_ga) it does not
+# peft's inits that leave the base weights as they are (the file's A and B replace the values); PiSSA, OLoRA and
+# LoftQ change them, which adapterkit reproduces; the others (pissa_niter_*, corda, lora_ga) it does not
 _INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "eva": "kaiming", "orthogonal": "kaiming"}
 
 
 def _from_peft(data: dict, model: nn.Module) -> LoRAConfig:
     init = data.get("init_lora_weights", True)
-    if init not in (*_INITS, *RESIDUAL):
+    if init not in (*_INITS, *OWN_INITS):
         raise unsupported(
             CONFIG_FILE, "init_lora_weights", init, "it changes the base weights in a way adapterkit does not reproduce"
         )
+    loftq = (data.get("loftq_config") or {}) if init == "loftq" else {}
+    if not isinstance(loftq, dict):
+        raise unsupported(CONFIG_FILE, "loftq_config", loftq, "peft writes an object of loftq_bits and loftq_iter")
     return LoRAConfig(
-        init_weights=init if init in RESIDUAL else _INITS[init],
+        init_weights=init if init in OWN_INITS else _INITS[init],
+        loftq_bits=loftq.get("loftq_bits", 4),
+        loftq_iter=loftq.get("loftq_iter", 1),
         r=data["r"],
         alpha=data["lora_alpha"],
         dropout=data.get("lora_dropout", 0.0),
@@ -83,8 +91,13 @@ def _peft_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> di
         "use_dora": config.use_dora,
         "fan_in_fan_out": fan_in_fan_out(model, found),
         "bias": "none",
-        "init_lora_weights": config.init_weights if config.init_weights in RESIDUAL else True,
+        "init_lora_weights": config.init_weights if config.init_weights in OWN_INITS else True,
+        "loftq_config": {"loftq_bits": config.loftq_bits, "loftq_iter": config.loftq_iter} if _loftq(config) else {},
     }
+
+
+def _loftq(config: LoRAConfig) -> bool:
+    return config.init_weights == "loftq"
 
 
 def _merge_loras(
@@ -95,6 +108,11 @@ def _merge_loras(
     The new adapter has scaling 1: its factors carry it."""
     if any(c.use_dora for c in configs):
         raise ConfigError("merging DoRA adapters is not supported (their magnitudes do not add)")
+    loftq = {(c.loftq_bits, c.loftq_iter) if _loftq(c) else None for c in configs}
+    if len(loftq) > 1:
+        raise ConfigError("LoftQ adapters were trained against a quantized base: merge them with LoftQ adapters of "
+                          "the same loftq_bits and loftq_iter only")  # fmt: skip
+    same = {"init_weights": "loftq", "loftq_bits": configs[0].loftq_bits, "loftq_iter": configs[0].loftq_iter}
     hosts = [_loras(model, n) for n in names]
     if any(h.keys() != hosts[0].keys() for h in hosts):
         raise ConfigError(f"LoRA adapters {list(names)} adapt different modules; they cannot be merged")
@@ -106,7 +124,8 @@ def _merge_loras(
             tensors[f"{path}.lora_B"], tensors[f"{path}.lora_A"] = _factor(delta, rank)
     else:
         rank, tensors = _merge_factors(hosts, configs, weights, rule)
-    return LoRAConfig(r=rank, alpha=rank, target_modules=configs[0].target_modules), tensors
+    kept = same if _loftq(configs[0]) else {}  # the merged update still sits on the quantized base
+    return LoRAConfig(r=rank, alpha=rank, target_modules=configs[0].target_modules, **kept), tensors
 
 
 def _merge_factors(hosts: list[dict[str, LoRA]], configs: list[LoRAConfig], weights: list[float], rule: MergeRule):
@@ -156,6 +175,8 @@ def _from_hub(config: dict, model: nn.Module) -> LoRAConfig:
 
 
 def _hub_fields(config: LoRAConfig, model: nn.Module, found: list[Entry]) -> dict:
+    if _loftq(config):
+        raise unsupported(HUB, "init_weights", "loftq", "AdapterHub loads it onto the unquantized base; save as 'peft'")
     if config.use_dora:
         raise unsupported(HUB, "use_dora", True, "AdapterHub's DoRA computes differently; save as 'peft'")
     if any(e.local not in ("lora_A", "lora_B") for e in found):
@@ -200,6 +221,8 @@ class LoRAConfig(AdapterConfig):
     init_weights: str = "kaiming"
     use_gating: bool = False
     target_parameters: tuple[str, ...] | None = None
+    loftq_bits: int = 4  # init_weights="loftq": the host's quantization, 4 (NF4) or 8 (int8) bits
+    loftq_iter: int = 1  # init_weights="loftq": alternating quantize / SVD steps
 
     @property
     def scaling(self) -> float:
@@ -209,9 +232,11 @@ class LoRAConfig(AdapterConfig):
     def validate(self) -> None:
         check(isinstance(self.r, int) and self.r > 0, f"r must be a positive int, got {self.r!r}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        check(self.init_weights in ("kaiming", "gaussian", *RESIDUAL), f"unknown init_weights {self.init_weights!r}")
-        check(not (self.use_dora and self.init_weights in RESIDUAL), "PiSSA / OLoRA inits do not combine with DoRA")
-        plain = not (self.use_dora or self.use_gating or self.init_weights in RESIDUAL)
+        check(self.init_weights in ("kaiming", "gaussian", *OWN_INITS), f"unknown init_weights {self.init_weights!r}")
+        check(not (self.use_dora and self.init_weights in OWN_INITS), "PiSSA / OLoRA / LoftQ do not combine with DoRA")
+        check(self.loftq_bits in BITS, f"loftq_bits must be one of {BITS}, got {self.loftq_bits!r}")
+        check(isinstance(self.loftq_iter, int) and self.loftq_iter >= 1, f"loftq_iter must be >= 1: {self.loftq_iter}")
+        plain = not (self.use_dora or self.use_gating or self.init_weights in OWN_INITS)
         check(plain or not self.target_parameters, "target_parameters takes plain LoRA (no DoRA, gating or PiSSA)")
         check(not (self.use_gating and self.use_dora), "use_gating and use_dora cannot be combined")
 
@@ -222,6 +247,11 @@ class LoRAConfig(AdapterConfig):
             kinds = (is_linear, is_conv, lambda m: isinstance(m, nn.Embedding))
             names = find_targets(model, targets, kinds, "Linear, Conv1D, Embedding or Conv1d/2d")
             placements = [(name, make_lora(model.get_submodule(name), self)) for name in names]
+            for name, module in placements if _loftq(self) else ():
+                check(type(module) is LoRA, f"LoftQ quantizes Linear / Conv1D weights; {name} is not one")
+                check(not is_quantized(model.get_submodule(name)), f"{name} is quantized already: LoftQ quantizes "
+                      "a full-precision base itself (drop --quantize)")  # fmt: skip
+                start_lora(model, name, module, self)
         taken = {name for name, _ in placements}
         for path, params in (find_parameters(model, self.target_parameters) if self.target_parameters else {}).items():
             check(path not in taken, f"{path} is both a target module and holds target parameters; pick one")
