@@ -59,12 +59,9 @@ BATCH_SIZE = 8
 
 
 def load(threads: int) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    path = smollm2()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), pretrained.tokenizer(path)
+    return pretrained.causal_lm(smollm2(), dtype=torch.float32)
 
 
 def train(model: nn.Module, tokenizer, conversations: list, run: Run, seed: int = 0) -> tuple[float, int]:
