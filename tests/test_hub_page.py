@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import adapterkit as ak
 from adapterkit.apps import cli
-from adapterkit.hub import client, page, protocol
+from adapterkit.hub import card_page, client, protocol
 from adapterkit.hub.safety import HubError
 from adapterkit.hub.store import Store
 from adapterkit.runs import RUN_CONFIG
@@ -314,4 +314,4 @@ def test_model_card_names_the_base_portably(tmp_path):
 
 
 def test_snippet_classes_are_the_training_tasks_classes():
-    assert {name: task.auto_class for name, task in TASKS.items()} == page.AUTO_CLASSES
+    assert {name: task.auto_class for name, task in TASKS.items()} == card_page.AUTO_CLASSES

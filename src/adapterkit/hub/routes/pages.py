@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from adapterkit.hub import card_page as card_html
 from adapterkit.hub import page as page_html
 from adapterkit.hub.access import Reader
 from adapterkit.hub.store import Store
@@ -43,7 +44,7 @@ def card_page(request: Request, store: Reader, owner: str, name: str, rev: str =
     repo = f"{owner}/{name}"
     card, manifest = store.revision(repo, rev)
     hub = str(request.base_url).rstrip("/")
-    return page_html.adapter_page(repo, card, store.revisions(repo), _readme(store, manifest), hub, rev)
+    return card_html.adapter_page(repo, card, store.revisions(repo), _readme(store, manifest), hub, rev)
 
 
 def _readme(store: Store, manifest: dict[str, dict]) -> str | None:
