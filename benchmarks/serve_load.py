@@ -135,11 +135,16 @@ class Server:
 
 
 def request(
-    url: str, model: str, tokens: int = TOKENS, prompt: str = PROMPT, times: list | None = None
+    url: str,
+    model: str,
+    tokens: int = TOKENS,
+    prompt: str = PROMPT,
+    times: list | None = None,
+    extra: dict | None = None,
 ) -> tuple[float, float, int]:
     """One streamed completion: seconds to the first token, to the end, and completion tokens (``times``
-    gets the arrival time of every text event)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    gets the arrival time of every text event; ``extra``: more body fields, llama-server's adapter choice)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, **(extra or {})}
     body["stream_options"] = {"include_usage": True}
     start, first, tokens = time.perf_counter(), None, 0
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=600) as reply:
@@ -202,13 +207,87 @@ def bounds(model_dir: str, dtype: str, clients: int) -> dict[str, float]:
     return {"prefill": prefill, "generate": generate, "prompt_tokens": ids.shape[1]}
 
 
-def load(url: str, models: list[str], clients: int, per_client: int) -> tuple[float, list[tuple[float, float, int]]]:
-    """``clients`` threads, each sending ``per_client`` requests, request k for ``models[k % len(models)]``."""
+def load(
+    url: str, models: list, clients: int, per_client: int, body=lambda m: {"model": m}
+) -> tuple[float, list[tuple[float, float, int]]]:
+    """``clients`` threads, each sending ``per_client`` requests, request k for ``models[k % len(models)]``
+    (``body(model)``: the fields that name it: ``model`` for adapterkit, a LoRA id for llama-server)."""
     jobs = [models[k % len(models)] for k in range(clients * per_client)]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda m: request(url, m), jobs))
+        results = list(pool.map(lambda m: request(url, "m", extra=body(m)), jobs))
     return time.perf_counter() - start, results
+
+
+def anchor(model_dir: str, clients: int, per_client: int, rounds: int) -> list[str]:
+    """llama.cpp's own server against ``adapterkit serve`` on the same base (f32 GGUF / fp32), 1 and 8 distinct
+    LoRAs, ``clients`` concurrent streams; the rounds alternate. The report's lines."""
+    import tempfile
+
+    from llama_server import LlamaServer, setup
+
+    import adapterkit as ak
+    from adapterkit.core.pretrained import causal_lm
+    from adapterkit.export.gguf import export_gguf, write_lora
+
+    setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {k: v for k, v in adapters(model_dir, Path(tmp)).items() if k in {f"lora{i}" for i in range(8)}}
+        out = Path(tmp) / "gguf"
+        export_gguf(model_dir, f"lora0={sources['lora0']}", out, "f32")
+        model, _ = causal_lm(model_dir)
+        for name in list(sources)[1:]:
+            ak.load_adapter(model, sources[name], name)
+            write_lora(model, name, out / f"{name}.lora.f32.gguf", "f32")
+        files = [out / f"{name}.lora.f32.gguf" for name in sources]
+        ours = Server(model_dir, sources, clients)
+        theirs = LlamaServer(out / "model.f32.gguf", files, clients)
+        names = list(sources)
+        runs = {
+            "adapterkit serve": (ours.url, lambda n: {"model": n}),
+            "llama-server": (theirs.url, lambda n: LlamaServer.body(names.index(n))),
+        }
+        totals: dict[tuple[str, int], list[float]] = {}
+        quiet = []
+        try:
+            for url, body in runs.values():
+                for name in names:  # warm-up: every adapter used once
+                    request(url, "m", tokens=1, extra=body(name))
+            for r in range(rounds):
+                quiet.append(quiet_line())
+                order = [(who, n) for who in runs for n in (1, 8)]
+                for who, n in order if r % 2 == 0 else order[::-1]:
+                    url, body = runs[who]
+                    seconds, results = load(url, names[:n], clients, per_client, body)
+                    tokens = sum(x[2] for x in results)
+                    totals.setdefault((who, n), [0.0, 0.0])
+                    totals[(who, n)][0] += tokens
+                    totals[(who, n)][1] += seconds
+                    print(f"anchor round {r}: {who}, {n} LoRAs: {tokens / seconds:.1f} tok/s", flush=True)
+        finally:
+            ours.stop()
+            theirs.stop()
+    rate = {k: tokens / seconds for k, (tokens, seconds) in totals.items()}
+    return [
+        f"### CPU serving anchor: llama.cpp's llama-server vs adapterkit serve ({clients} streams x {per_client})",
+        "",
+        f"SmolLM2-135M-Instruct, the same base (llama-server: f32 GGUF from `adapterkit export`; adapterkit: fp32), "
+        f"LoRA r=8 on q/v as GGUF adapter files loaded unapplied, each request naming its own; both on 2 threads, "
+        f"{clients} sequences at once (`-np {clients}` / `--max-batch {clients}`), prompt caching off; {rounds} "
+        "alternating rounds, tokens over seconds summed across them.",
+        "",
+        *[f"- round {i}: {line}" for i, line in enumerate(quiet)],
+        "",
+        "| server | 1 LoRA tok/s | 8 distinct LoRAs tok/s | 8 vs 1 |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {who} | {rate[(who, 1)]:.1f} | {rate[(who, 8)]:.1f} | {rate[(who, 8)] / rate[(who, 1)]:.2f}x |"
+            for who in runs
+        ],
+        "",
+        f"adapterkit serve vs llama-server: **{rate[('adapterkit serve', 1)] / rate[('llama-server', 1)]:.2f}x** "
+        f"with 1 LoRA, **{rate[('adapterkit serve', 8)] / rate[('llama-server', 8)]:.2f}x** with 8 distinct LoRAs.",
+    ]
 
 
 def steady(url: str, models: list[str], rate: float, count: int) -> list[tuple[float, float, int]]:
@@ -233,6 +312,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=2.0, help="steady load: requests per second")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the served base's weights")
     p.add_argument("--output")
+    p.add_argument("--anchor", action="store_true", help="only llama.cpp's llama-server vs adapterkit serve")
     args = p.parse_args()
     import tempfile
 
@@ -240,6 +320,12 @@ def main() -> None:
 
     torch.set_num_threads(2)
     model_dir = str(smollm2())
+    if args.anchor:
+        text = "\n".join(anchor(model_dir, args.clients, args.requests, args.rounds))
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        return
     base = Path(model_dir).name
     loras = [f"lora{i}" for i in range(64)]
     setups = {
