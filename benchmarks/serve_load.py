@@ -239,34 +239,35 @@ def anchor(model_dir: str, clients: int, per_client: int, rounds: int) -> list[s
         for name in list(sources)[1:]:
             ak.load_adapter(model, sources[name], name)
             write_lora(model, name, out / f"{name}.lora.f32.gguf", "f32")
+        del model  # the servers run in their own processes
         files = [out / f"{name}.lora.f32.gguf" for name in sources]
-        ours = Server(model_dir, sources, clients)
-        theirs = LlamaServer(out / "model.f32.gguf", files, clients)
         names = list(sources)
-        runs = {
-            "adapterkit serve": (ours.url, lambda n: {"model": n}),
-            "llama-server": (theirs.url, lambda n: LlamaServer.body(names.index(n))),
+        starts = {
+            "adapterkit serve": (lambda: Server(model_dir, sources, clients), lambda n: {"model": n}),
+            "llama-server": (
+                lambda: LlamaServer(out / "model.f32.gguf", files, clients),
+                lambda n: LlamaServer.body(names.index(n)),
+            ),
         }
         totals: dict[tuple[str, int], list[float]] = {}
         quiet = []
-        try:
-            for url, body in runs.values():
-                for name in names:  # warm-up: every adapter used once
-                    request(url, "m", tokens=1, extra=body(name))
-            for r in range(rounds):
-                quiet.append(quiet_line())
-                order = [(who, n) for who in runs for n in (1, 8)]
-                for who, n in order if r % 2 == 0 else order[::-1]:
-                    url, body = runs[who]
-                    seconds, results = load(url, names[:n], clients, per_client, body)
-                    tokens = sum(x[2] for x in results)
-                    totals.setdefault((who, n), [0.0, 0.0])
-                    totals[(who, n)][0] += tokens
-                    totals[(who, n)][1] += seconds
-                    print(f"anchor round {r}: {who}, {n} LoRAs: {tokens / seconds:.1f} tok/s", flush=True)
-        finally:
-            ours.stop()
-            theirs.stop()
+        for r in range(rounds):
+            # one server alive at a time: an idle llama-server's threads still poll for work
+            for who in list(starts) if r % 2 == 0 else list(starts)[::-1]:
+                start, body = starts[who]
+                server = start()
+                try:
+                    for name in names:  # warm-up: every adapter used once
+                        request(server.url, "m", tokens=1, extra=body(name))
+                    quiet.append(f"round {r}, {who}: {quiet_line()}")
+                    for n in (1, 8) if r % 2 == 0 else (8, 1):
+                        seconds, results = load(server.url, names[:n], clients, per_client, body)
+                        tokens = sum(x[2] for x in results)
+                        total = totals.setdefault((who, n), [0.0, 0.0])
+                        total[0], total[1] = total[0] + tokens, total[1] + seconds
+                        print(f"anchor round {r}: {who}, {n} LoRAs: {tokens / seconds:.1f} tok/s", flush=True)
+                finally:
+                    server.stop()
     rate = {k: tokens / seconds for k, (tokens, seconds) in totals.items()}
     return [
         f"### CPU serving anchor: llama.cpp's llama-server vs adapterkit serve ({clients} streams x {per_client})",
@@ -274,15 +275,15 @@ def anchor(model_dir: str, clients: int, per_client: int, rounds: int) -> list[s
         f"SmolLM2-135M-Instruct, the same base (llama-server: f32 GGUF from `adapterkit export`; adapterkit: fp32), "
         f"LoRA r=8 on q/v as GGUF adapter files loaded unapplied, each request naming its own; both on 2 threads, "
         f"{clients} sequences at once (`-np {clients}` / `--max-batch {clients}`), prompt caching off; {rounds} "
-        "alternating rounds, tokens over seconds summed across them.",
+        "alternating rounds, one server running at a time, tokens over seconds summed across rounds.",
         "",
-        *[f"- round {i}: {line}" for i, line in enumerate(quiet)],
+        *[f"- {line}" for line in quiet],
         "",
         "| server | 1 LoRA tok/s | 8 distinct LoRAs tok/s | 8 vs 1 |",
         "|---|---:|---:|---:|",
         *[
             f"| {who} | {rate[(who, 1)]:.1f} | {rate[(who, 8)]:.1f} | {rate[(who, 8)] / rate[(who, 1)]:.2f}x |"
-            for who in runs
+            for who in starts
         ],
         "",
         f"adapterkit serve vs llama-server: **{rate[('adapterkit serve', 1)] / rate[('llama-server', 1)]:.2f}x** "
