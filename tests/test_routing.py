@@ -366,3 +366,49 @@ def test_a_middle_layer_stops_the_forward_there_and_equals_the_full_hidden_state
         routing.inputs._states(model, dict(batch), [1])  # block 0's output
     handle.remove()
     assert depth == 5 and ran == []  # the deepest block never ran
+
+
+def test_predict_routes_each_text_to_its_adapter_with_its_own_head(tmp_path, capsys):
+    """``adapterkit predict --route``: each text through the adapter its signature picks, with that adapter's
+    head (two adapters with opposite heads here), and general texts get no label; equal to classifying each
+    group with its adapter alone."""
+    from adapterkit.apps import cli
+
+    tok = tokenizer()
+    config = T.BertConfig(vocab_size=len(WORDS), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, num_labels=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    inputs = {"a": texts("a", 6, 7), "b": texts("b", 6, 8), None: texts(None, 4, 9)}
+    expected = {}
+    for sign, task in ((1.0, "a"), (-1.0, "b")):
+        ak.add_adapter(model, task, "lora", activate=True)
+        randomize_adapters(model, std=1.0)
+        with torch.no_grad():
+            model.classifier.weight.mul_(sign)  # the two heads disagree: the wrong one flips the label
+        ak.save_adapter(model, task, tmp_path / task)
+        ak.save_signature(tmp_path / task, ak.signature(model, tok, texts(task, 64, 3)))
+        batch = tok(inputs[task], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected[task] = model(**batch).logits.softmax(-1).argmax(-1).tolist()
+        ak.delete_adapter(model, task)
+    signatures = {task: ak.load_signature(tmp_path / task) for task in ("a", "b")}
+    validation = {"a": texts("a", 16, 11), "b": texts("b", 16, 12), None: texts(None, 16, 13)}
+    threshold = ak.Router(model, tok, signatures, resident=False).calibrate(validation).config.threshold
+    given = [t for task in ("a", None, "b") for t in inputs[task]]
+    args = ["predict", "--model", str(tmp_path / "base"), "--route", f"--route-threshold={threshold}"]
+    args += [f"--adapter={task}={tmp_path / task}" for task in ("a", "b")] + [f"--text={t}" for t in given]
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == given
+    by_task = {task: [r for r in rows if r["text"] in inputs[task]] for task in inputs}
+    assert all(r["adapter"] is None and r["label"] is None for r in by_task[None])
+    for task in ("a", "b"):
+        routed = [r["adapter"] for r in by_task[task]]
+        assert set(routed) <= {task, None} and routed.count(task) >= 5  # a rare one falls above the threshold
+        for row, label in zip(by_task[task], expected[task], strict=True):
+            if row["adapter"] == task:  # through its adapter and that adapter's own head
+                assert int(row["label"].removeprefix("LABEL_")) == label
+    assert expected["a"] != expected["b"]  # the heads disagree: a text through the wrong one would show it
