@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-import requests
+from processes import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama.cpp of the tests' llama-cpp-python (scripts/setup.sh)
@@ -54,25 +52,13 @@ class LlamaServer:
     sequences decoded together, ``threads`` CPU threads."""
 
     def __init__(self, base: Path, loras: list[Path], slots: int, threads: int = 2, context: int = 256) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         command = [str(BINARY), "-m", str(base), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
         command += ["-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * context)]
         command += ["--lora-init-without-apply", *(arg for path in loras for arg in ("--lora", str(path)))]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start: {command}")
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/health", timeout=5).ok
-        except requests.ConnectionError:
-            return False
+        wait_healthy(self.process, self.url, command)
 
     @staticmethod
     def body(adapter: int | None) -> dict:

@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import requests
 import torch
+from processes import free_port, wait_healthy
 
 PROMPT = "Write a short, friendly note to a neighbour about a lost cat called Pepper. "
 TOKENS = 16
@@ -108,26 +108,14 @@ class Server:
     def __init__(
         self, model_dir: str, sources: dict[str, str], max_batch: int, dtype: str = "fp32", extra: list[str] = ()
     ) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         command = [sys.executable, "-m", "adapterkit", "serve", "--model", model_dir, "--port", str(port)]
         command += [f"--adapter={name}={path}" for name, path in sources.items()]
         command += ["--max-batch", str(max_batch), "--max-adapters", "128", "--max-queue", "1024", "--dtype", dtype]
         command += extra
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"adapterkit serve did not start: {command}")
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/health", timeout=5).ok
-        except requests.ConnectionError:
-            return False
+        wait_healthy(self.process, self.url, command)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -118,6 +118,11 @@ def test_malformed_requests_are_json_4xx_never_500(hub):
         for body in (b"\xff not json", b"[]", NESTED, b'{"key": "file", "value": {"path": 3}}', b'{"files": 3}'):
             refused(call(hub, "POST", route, body, token), (400, 413, 422))
     refused(call(hub, "POST", "/api/models/alice/bad/commit/main", b'{"key": "lfsFile", "value": {}}', token), 422)
+    # a file's content that is a string but not base64: 400 naming the file, on both upload routes
+    bad = json.dumps({"files": {"a.json": "@@ not base64 @@"}}).encode()
+    refused(call(hub, "POST", "/api/adapters/alice/bad", bad, token), 400, "'a.json': not base64")
+    line = json.dumps({"key": "file", "value": {"path": "a.json", "content": "@@ not base64 @@"}}).encode()
+    refused(call(hub, "POST", "/api/models/alice/bad/commit/main", line, token), 400, "'a.json': not base64")
     refused(call(hub, "GET", "/no/such/route/here"), 404)
     refused(call(hub, "GET", "/favicon.ico"), 404)
     refused(call(hub, "PUT", "/api/adapters/alice/bad", b"{}", token), 405)

@@ -39,7 +39,7 @@ def _takes_inputs(model: nn.Module, child: nn.Module) -> bool:
     """Whether ``model``'s input embeddings lie inside ``child`` (True where the model does not say)."""
     try:
         embeddings = model.get_input_embeddings()
-    except (NotImplementedError, AttributeError):
+    except (NotImplementedError, AttributeError):  # vision and speech models have no input embeddings to find
         return True
     return embeddings is None or any(m is embeddings for m in child.modules())
 
